@@ -1,0 +1,44 @@
+# Every target sets itself up on a fresh clone: .venv, the package with its test extra, and (as root) the
+# Debian packages the test suite needs (a real one-node SLURM cluster: slurm-wlm, munge).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup sysdeps test test-fast demo demo-compare bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip >/dev/null 2>&1 || true
+	# torch / torchvision first, pinned to the releases that install from local disk on the CI machines
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q torch torchvision
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+sysdeps:
+	@if [ "$$(id -u)" = "0" ] && ! command -v slurmctld >/dev/null 2>&1; then \
+	  echo "installing slurm-wlm and munge (for the SLURM tests)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q slurm-wlm munge >/dev/null; } || \
+	  echo "warning: could not install slurm-wlm / munge; the SLURM tests will be skipped"; \
+	fi
+
+test: setup sysdeps
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python -m pipeline.models summary efficientnetv2_s --image-size 384
+
+bench: setup
+	$(BIN)/python bench/model_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""EfficientNetV2 training pipeline."""
