@@ -165,6 +165,8 @@ class CheckpointConfig:
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     requeue: bool = True
     """Under SLURM, rank 0 requeues the job after a preemption save."""
+    preempt_check_every: int = 1
+    """Steps between preemption checks (one 1-element all-reduce each); raise it if that shows in step time."""
 
 
 @dataclass
