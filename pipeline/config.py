@@ -204,6 +204,18 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    head_seed: bool = True
+    """Seed the new classifier's rows from the pretrained head where the class wnids agree (21k -> 1k);
+    False: a freshly initialised classifier."""
+    init_weights: str = "auto"
+    """Weights of a DeepSpeed checkpoint or timm file to start from: 'auto' (EMA when present, else raw),
+    'ema' or 'raw'. An export folder holds one set: the one it was exported with."""
+    export_weights: str = "ema"
+    """Weights written to RUN_DIR/export at the end: 'ema' (raw when ema.enabled is false) or 'raw'."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
@@ -213,6 +225,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     init: Optional[str] = None
     """Fine-tuning: export folder, DeepSpeed checkpoint folder, or timm checkpoint file to start from."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
