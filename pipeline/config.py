@@ -135,6 +135,8 @@ class OptimConfig:
     rmsprop_decay: float = 0.9
     eps: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    """Epsilon of AdamW / LAMB (optim.eps is RMSProp's, whose 1e-3 sits inside the square root)."""
     schedule: str = "cosine"
     """'cosine', 'exp_staircase' (x decay_rate every decay_epochs) or 'constant' (after warmup)."""
     warmup_steps: int = 0
