@@ -1,0 +1,1 @@
+"""Streaming data: shard lists and the resumable loader, per-sample transforms, batch mixing."""
