@@ -28,7 +28,7 @@ Typical use in the trainer::
         if stop or ckpt.should_save(step + 1, stage_boundary=..., final=step + 1 == total):
             ckpt.save(step + 1, lambda d, tag: engine.save(d, tag, client_state), {"loader": loader.state_dict()})
         if stop:
-            preempt.requeue()                           # rank 0 under SLURM only
+            preempt.requeue()                           # rank 0, under SLURM, after SIGUSR1 only
             return                                      # every rank exits 0
 """
 
@@ -532,20 +532,32 @@ def _parse_signal(sig: Union[str, int, signal.Signals]) -> signal.Signals:
     return s
 
 
+# Signals that mean "this job is over" (scancel, Ctrl-C, SLURM ending or preempting the job): save and exit,
+# but do not requeue, or a user's scancel would bring the job straight back. SLURM requeues preempted jobs
+# itself when its PreemptMode says so. Any other configured signal (SIGUSR1 from --signal=USR1@180, a time
+# limit warning) means "come back later": save, requeue, exit.
+_FINAL_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+# Codes all-reduced with MAX: a requeue request from any rank wins over a plain stop.
+_NONE, _STOP, _REQUEUE = 0, 1, 2
+
+
 class PreemptionHandler:
-    """Turns preemption signals into a flag that every rank agrees on at a step boundary.
+    """Turns preemption signals into a decision that every rank agrees on at a step boundary.
 
     The signal handler only records the signal (no I/O, no save: a handler runs between two arbitrary
     bytecodes of the main thread, possibly inside a collective). :meth:`should_stop` is called by the trainer
     after each optimizer step on every rank: when ``torch.distributed`` is initialised it all-reduces (MAX) a
     one-element tensor, so a signal that reached one rank stops all of them at the same step; otherwise it
-    returns the local flag. Cost: one 4-byte all-reduce per check (tens of microseconds; on NCCL it also
-    waits for the GPU to reach the step); ``check_every`` spreads it over N steps. All ranks must call
-    :meth:`should_stop` equally often, as they do in a training loop.
+    uses the local flag. Cost: one 4-byte all-reduce per check (tens of microseconds; on NCCL it also waits
+    for the GPU to reach that point of the step); ``check_every`` spreads it over N steps. All ranks must
+    call :meth:`should_stop` equally often, as they do in a training loop.
 
-    SLURM: ``#SBATCH --signal=USR1@180`` delivers SIGUSR1 to every task 180 s before the time limit; a
-    preemption sends SIGTERM (then SIGKILL after KillWait). After the save, :meth:`requeue` on rank 0 puts the
-    job back in the queue (``scontrol requeue``), where it resumes from the checkpoint.
+    SLURM: ``#SBATCH --signal=USR1@180`` delivers SIGUSR1 to every task 180 s before the time limit: after
+    the save, :meth:`requeue` on rank 0 puts the job back in the queue (``scontrol requeue``) and it resumes
+    from the checkpoint. SIGTERM (``scancel``, preemption, the time limit itself) and SIGINT also stop the run
+    with a checkpoint but do not requeue: a cancelled job stays cancelled, and SLURM requeues preempted jobs
+    itself when configured to.
 
     Installs its handlers on construction (main thread only); :meth:`close` restores the previous ones.
     """
@@ -554,18 +566,18 @@ class PreemptionHandler:
                  check_every: int = 1, rank: int = 0, requeue: bool = True):
         if check_every < 1:
             raise ConfigError(f"checkpoint.preempt_check_every: {check_every} must be at least 1")
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionHandler must be created in the main thread (Python delivers signals "
+                               "only there)")
         self.signals = [_parse_signal(s) for s in signals]
         self.check_every = check_every
         self.rank = rank
         self.requeue_enabled = requeue
         self.received: Optional[signal.Signals] = None
-        self._stop = False
+        self._decision = _NONE
         self._calls = 0
         self._reported = False
         self._previous: dict[signal.Signals, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionHandler must be created in the main thread (Python delivers signals "
-                               "only there)")
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._on_signal)
 
@@ -583,29 +595,45 @@ class PreemptionHandler:
         """This rank received one of the signals (no collective)."""
         return self.received is not None
 
+    @property
+    def wants_requeue(self) -> bool:
+        """The agreed stop came from a requeue signal (e.g. SIGUSR1) on at least one rank."""
+        return self._decision == _REQUEUE
+
+    def _local_code(self) -> int:
+        if self.received is None:
+            return _NONE
+        return _STOP if self.received in _FINAL_SIGNALS else _REQUEUE
+
     def should_stop(self) -> bool:
         """True on every rank once any rank received a signal, decided every ``check_every``-th call."""
-        if self._stop:
+        if self._decision != _NONE:
             return True
         self._calls += 1
         if self._calls % self.check_every:
             return False
-        local = self.received is not None
+        local = self._local_code()
         if local and not self._reported:
             self._reported = True
             log.warning("rank %d received %s; stopping at the next step boundary after a checkpoint",
                         self.rank, self.received.name)
-        self._stop = _all_reduce_max_flag(local) if _dist_ready() else local
-        if self._stop and self.rank == 0:
-            log.warning("preemption: all ranks stop now (save a checkpoint, %s, exit 0)",
-                        "requeue the SLURM job" if self.requeue_enabled and _slurm_job_id() else "no requeue")
-        return self._stop
+        self._decision = _all_reduce_max(local) if _dist_ready() else local
+        if self._decision and self.rank == 0:
+            if not self.wants_requeue:
+                then = "exit 0 without requeueing (SIGTERM / SIGINT: cancelled, preempted or out of time)"
+            elif self.requeue_enabled and _slurm_job_id():
+                then = f"requeue SLURM job {_slurm_job_id()}, exit 0"
+            else:
+                then = "exit 0 (not under SLURM or checkpoint.requeue=false: resubmit to resume)"
+            log.warning("preemption: all ranks stop now: save a checkpoint, %s", then)
+        return self._decision != _NONE
 
     def requeue(self) -> bool:
-        """Rank 0 under SLURM with requeue enabled: ``scontrol requeue $SLURM_JOB_ID``. Returns whether it was
-        requeued; failures are logged, never raised (the checkpoint is already safe)."""
+        """Rank 0, under SLURM, with requeue enabled and a requeue signal agreed: ``scontrol requeue
+        $SLURM_JOB_ID``. Returns whether the job was requeued; failures are logged, never raised (the
+        checkpoint is already safe). Call it after the checkpoint is complete: SLURM stops the job at once."""
         job = _slurm_job_id()
-        if self.rank != 0 or not self.requeue_enabled or not job:
+        if self.rank != 0 or not self.requeue_enabled or not job or not self.wants_requeue:
             return False
         cmd = ["scontrol", "requeue", job]
         try:
@@ -642,7 +670,7 @@ def _slurm_job_id() -> Optional[str]:
     return os.environ.get("SLURM_JOB_ID") or None
 
 
-def _all_reduce_max_flag(local: bool) -> bool:
+def _all_reduce_max(code: int) -> int:
     dist = torch.distributed
     backend = str(dist.get_backend())
     # NCCL reduces only CUDA tensors; a gloo (or mixed "cpu:gloo,cuda:nccl") group takes a CPU tensor, which
@@ -651,6 +679,6 @@ def _all_reduce_max_flag(local: bool) -> bool:
         device = torch.device("cpu")
     else:
         device = torch.device("cuda", torch.cuda.current_device())
-    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    t = torch.tensor([code], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

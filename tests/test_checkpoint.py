@@ -295,20 +295,31 @@ def _fake_scontrol(tmp_path: Path, rc: int) -> Path:
     return bindir
 
 
+def _preempted(sig: signal.Signals, **kw) -> PreemptionHandler:
+    h = PreemptionHandler([signal.SIGUSR1, signal.SIGTERM], **kw)
+    os.kill(os.getpid(), sig)
+    assert h.should_stop()
+    return h
+
+
 @pytest.mark.parametrize("rc", [0, 1])
 def test_requeue_runs_scontrol_on_rank0_under_slurm(tmp_path, monkeypatch, rc, caplog):
     monkeypatch.setenv("PATH", f"{_fake_scontrol(tmp_path, rc)}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    with PreemptionHandler([], rank=0) as h:
+    with _preempted(signal.SIGUSR1, rank=0) as h:
         assert h.requeue() is False  # not under SLURM
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    with PreemptionHandler([], rank=1) as h:
+    with _preempted(signal.SIGUSR1, rank=1) as h:
         assert h.requeue() is False  # not rank 0
-    with PreemptionHandler([], rank=0, requeue=False) as h:
+    with _preempted(signal.SIGUSR1, rank=0, requeue=False) as h:
         assert h.requeue() is False  # disabled
-    assert not (tmp_path / "scontrol.log").exists()
+    with _preempted(signal.SIGTERM, rank=0) as h:
+        assert not h.wants_requeue and h.requeue() is False  # scancel / preemption: stay stopped
     with PreemptionHandler([], rank=0) as h:
-        assert h.requeue() is (rc == 0)
+        assert h.requeue() is False  # no signal at all
+    assert not (tmp_path / "scontrol.log").exists()
+    with _preempted(signal.SIGUSR1, rank=0) as h:
+        assert h.wants_requeue and h.requeue() is (rc == 0)
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     if rc:
         assert "could not requeue SLURM job 4242" in caplog.text and "boom" in caplog.text
@@ -336,7 +347,8 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str, out: str) -
                 break
         point = CheckpointManager(_ckpt_cfg(), run_dir, rank=rank, world_size=world).resolve_resume()
         Path(out, f"rank{rank}.json").write_text(json.dumps(
-            {"stopped_at": stopped_at, "triggered": handler.triggered, "resume_step": point.step}))
+            {"stopped_at": stopped_at, "triggered": handler.triggered, "resume_step": point.step,
+             "wants_requeue": handler.wants_requeue}))
         handler.close()
     finally:
         torch.distributed.destroy_process_group()
@@ -352,6 +364,7 @@ def test_two_ranks_agree_to_stop_when_one_got_the_signal(tmp_path):
     assert [r["triggered"] for r in results] == [False, True]
     assert [r["stopped_at"] for r in results] == [3, 3]
     assert [r["resume_step"] for r in results] == [3, 3]
+    assert [r["wants_requeue"] for r in results] == [True, True]  # rank 0 requeues for rank 1's SIGUSR1
     path = tmp_path / "run" / "checkpoints" / step_tag(3)
     assert read_marker(path)["world_size"] == 2
     assert (path / "rank-00000.pt").is_file() and (path / "rank-00001.pt").is_file()
