@@ -1,0 +1,372 @@
+"""Fine-tuning pieces that need no launcher: where the initial weights come from, the new (seeded) head,
+class lists, step-N checkpoint folders and the result table. ``pipeline.finetune`` drives them with accelerate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError, DataConfig, FinetuneConfig, ModelConfig
+
+INIT_KINDS = ("export", "deepspeed", "timm")
+TIMM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+CHECKPOINT_SUBDIR = "checkpoints"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_WNID_RE = re.compile(r"^n\d{8}$")
+_INIT_HELP = ("pass an export folder (python -m pipeline.export RUN_DIR --ema --out DIR), a pretraining run dir "
+              "or its checkpoints/step-N folder, or a timm checkpoint file (.pth / .safetensors)")
+
+
+class FinetuneError(ValueError):
+    """A user error in fine-tuning input (init, classes, data); the message names the key and the fix."""
+
+
+# ---- class lists ------------------------------------------------------------------------------------------
+
+def normalize_classes(classes: Sequence[Any]) -> list[dict]:
+    """Class lists as [{"index", "wnid", "name"}]; plain strings count as a wnid when shaped like one."""
+    out = []
+    for i, c in enumerate(classes or []):
+        if isinstance(c, dict):
+            out.append({"index": int(c.get("index", i)), "wnid": c.get("wnid"), "name": c.get("name")})
+        else:
+            s = str(c)
+            out.append({"index": i, "wnid": s if _WNID_RE.match(s) else None, "name": s})
+    return out
+
+
+def check_finetune_config(cfg: FinetuneConfig) -> None:
+    for key, value, allowed in (("init_weights", cfg.init_weights, ("auto", "ema", "raw")),
+                                ("export_weights", cfg.export_weights, ("ema", "raw"))):
+        if value not in allowed:
+            raise ConfigError(f"finetune.{key}: '{value}' is not one of {' / '.join(allowed)}")
+
+
+@dataclass
+class DataInfo:
+    """What fine-tuning needs to know about its training data before any loader exists."""
+
+    classes: list[dict]
+    num_classes: int
+    samples: int
+    describe: str
+
+
+def describe_train_data(cfg: DataConfig) -> DataInfo:
+    """Class list and size of the training data: shard folders (info.json) or a datasets dataset."""
+    if cfg.hf_dataset:
+        from pipeline.data.hf import HFSource
+
+        src = HFSource.from_config(cfg, cfg.hf_train_split)
+        return DataInfo(normalize_classes(list(src.classes)), int(src.num_classes), len(src),
+                        f"{cfg.hf_dataset} [{cfg.hf_train_split}]")
+    if not cfg.train:
+        raise FinetuneError("data.train is empty: list the shard folders of the target dataset (written by "
+                            "`python -m shards write ...`), or set data.hf_dataset to a datasets folder / cached name")
+    from pipeline.data.shards import load_split
+
+    first = load_split(cfg.train[0], cfg.train_split)
+    samples = first.samples + sum(load_split(r, cfg.train_split).samples for r in cfg.train[1:])
+    classes = normalize_classes(list(first.classes)) or normalize_classes([str(i) for i in range(first.num_classes)])
+    return DataInfo(classes, first.num_classes, samples, f"{first.info_path}")
+
+
+def resolve_num_classes(configured: int, data_classes: int, data_source: str) -> int:
+    """model.num_classes (0 = from the data) against the class count of the training data."""
+    if configured and configured != data_classes:
+        raise FinetuneError(f"model.num_classes={configured} but the training data ({data_source}) has "
+                            f"{data_classes} classes; set model.num_classes=0 (take it from the data) or "
+                            f"model.num_classes={data_classes}")
+    return data_classes
+
+
+# ---- init: what to start from -----------------------------------------------------------------------------
+
+@dataclass
+class InitSource:
+    """Where fine-tuning starts, classified before anything heavy is loaded."""
+
+    kind: str
+    """'export', 'deepspeed' or 'timm'."""
+    path: Path
+    run_dir: Optional[Path] = None
+    """DeepSpeed: the pretraining run dir."""
+    step: Optional[int] = None
+    """DeepSpeed: the checkpoint step (None: the newest complete one)."""
+
+
+@dataclass
+class InitWeights:
+    """The loaded initial weights with what is known about them."""
+
+    source: InitSource
+    state_dict: dict[str, torch.Tensor]
+    arch_name: Optional[str] = None
+    """Registry name from the export's metadata (None for timm files: model.name decides)."""
+    num_classes: Optional[int] = None
+    classes: list[dict] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    weights: str = "raw"
+    """'ema' or 'raw' (for timm files: the nested dict used)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def classify_init(path: Optional[str]) -> InitSource:
+    """Decide what kind of init ``path`` is, or say clearly why it is none (cheap: reads no weights)."""
+    from pipeline.export import is_export
+
+    if not path:
+        raise FinetuneError(f"init: not set; {_INIT_HELP}, e.g. init=runs/pretrain_xl/export")
+    p = Path(path)
+    if not p.exists():
+        raise FinetuneError(f"init={path}: does not exist; {_INIT_HELP}")
+    if p.is_file():
+        if p.name.endswith(TIMM_SUFFIXES):
+            return InitSource("timm", p)
+        raise FinetuneError(f"init={path}: a file that is not a checkpoint ({'/'.join(TIMM_SUFFIXES)}); {_INIT_HELP}")
+    if is_export(p):
+        return InitSource("export", p)
+    m = _STEP_RE.match(p.name)
+    if m and p.parent.name == CHECKPOINT_SUBDIR:
+        return InitSource("deepspeed", p, run_dir=p.parent.parent, step=int(m.group(1)))
+    if (p / CHECKPOINT_SUBDIR).is_dir() and any(_STEP_RE.match(c.name) for c in (p / CHECKPOINT_SUBDIR).iterdir()):
+        return InitSource("deepspeed", p, run_dir=p, step=None)
+    raise FinetuneError(f"init={path}: a folder that is neither an export (model.safetensors + model.json) nor a "
+                        f"pretraining run with checkpoints/step-N; {_INIT_HELP}")
+
+
+def consolidate_deepspeed(src: InitSource, out_dir: Path, weights: str = "auto") -> Path:
+    """Turn a DeepSpeed checkpoint of a pretraining run into an export folder (EMA weights when present and
+    ``weights`` is 'auto' or 'ema'); returns out_dir."""
+    try:
+        from pipeline.trainer import export_checkpoint
+    except ImportError as e:  # the pretraining trainer is what knows its checkpoint layout
+        raise FinetuneError(f"init={src.path}: consolidating a DeepSpeed checkpoint needs pipeline.trainer "
+                            f"({e}); export it first with `python -m pipeline.export {src.run_dir} --ema "
+                            f"--out DIR` and pass init=DIR") from None
+    order = {"auto": (True, False), "ema": (True,), "raw": (False,)}[weights]
+    last_err: Optional[Exception] = None
+    for ema in order:
+        try:
+            export_checkpoint(src.run_dir, step=src.step, ema=ema, out_dir=out_dir)
+            return out_dir
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            last_err = e
+    raise FinetuneError(f"init={src.path}: cannot consolidate the checkpoint: {last_err}") from None
+
+
+def load_init(src: InitSource, *, weights: str = "auto") -> InitWeights:
+    """Load the weights of an export folder or a timm file (a DeepSpeed source must be consolidated first)."""
+    from pipeline.export import ExportError, load_export
+
+    if src.kind == "export":
+        try:
+            state, meta = load_export(src.path)
+        except ExportError as e:
+            raise FinetuneError(f"init={src.path}: {e}") from None
+        arch = meta.get("architecture") or {}
+        if "name" not in arch or "num_classes" not in arch:
+            raise FinetuneError(f"init={src.path}/model.json: no architecture name / num_classes; re-export it "
+                                f"with `python -m pipeline.export`")
+        return InitWeights(src, state, arch_name=arch["name"], num_classes=int(arch["num_classes"]),
+                           classes=normalize_classes(meta.get("classes") or []), options=dict(arch.get("options", {})),
+                           weights=(meta.get("source") or {}).get("weights", "raw"), meta=meta)
+    if src.kind == "timm":
+        state, used = _read_timm_file(src.path, weights)
+        return InitWeights(src, state, weights=used)
+    raise AssertionError(f"load_init({src.kind}): consolidate DeepSpeed checkpoints first")
+
+
+def _read_timm_file(path: Path, weights: str) -> tuple[dict, str]:
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt / truncated / pickled objects beyond tensors
+        raise FinetuneError(f"init={path}: cannot read it as a checkpoint ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); pass a timm .pth / .safetensors file") from None
+    if not isinstance(obj, dict):
+        raise FinetuneError(f"init={path}: holds a {type(obj).__name__}, not a state dict")
+    # timm training checkpoints nest the weights; the EMA copy is the one to fine-tune from when present.
+    nests = {"ema": ("state_dict_ema", "model_ema"), "raw": ("state_dict", "model")}
+    order = {"auto": ("ema", "raw"), "ema": ("ema",), "raw": ("raw",)}[weights]
+    for which in order:
+        for key in nests[which]:
+            if isinstance(obj.get(key), dict):
+                return obj[key], which
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, "raw"
+    raise FinetuneError(f"init={path}: no state dict inside (looked for {[k for w in order for k in nests[w]]}); "
+                        f"top-level keys: {sorted(obj)[:8]}")
+
+
+# ---- the model with its new head --------------------------------------------------------------------------
+
+def class_wnids(classes: Sequence[dict]) -> list[Optional[str]]:
+    return [c.get("wnid") for c in classes]
+
+
+def seed_head_rows(classifier: nn.Linear, old_weight: torch.Tensor, old_bias: Optional[torch.Tensor],
+                   old_classes: Sequence[dict], new_classes: Sequence[dict]) -> int:
+    """Copy the pretrained head's rows into the new head where the wnids agree; returns how many rows."""
+    old_index = {w: i for i, w in enumerate(class_wnids(old_classes)) if w}
+    pairs = [(j, old_index[w]) for j, w in enumerate(class_wnids(new_classes)) if w and w in old_index]
+    if not pairs:
+        return 0
+    if old_weight.shape[1] != classifier.weight.shape[1]:
+        raise FinetuneError(f"pretrained head has {old_weight.shape[1]} input features, the model "
+                            f"{classifier.weight.shape[1]}; the init does not match model.name")
+    new_rows = torch.tensor([j for j, _ in pairs])
+    old_rows = torch.tensor([i for _, i in pairs])
+    with torch.no_grad():
+        classifier.weight[new_rows] = old_weight[old_rows].to(classifier.weight)
+        if old_bias is not None and classifier.bias is not None:
+            classifier.bias[new_rows] = old_bias[old_rows].to(classifier.bias)
+    return len(pairs)
+
+
+def _load_backbone(model: nn.Module, state: dict, init: InitWeights) -> None:
+    """Strict load of everything but the classifier, with a message that names what does not fit."""
+    from pipeline.export import strip_prefixes
+
+    state = {k: v for k, v in strip_prefixes(state).items() if not k.startswith("classifier.")}
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(ours[k].shape)}" for k in set(ours) & set(state)
+                    if state[k].shape != ours[k].shape)
+    if missing or unexpected or shapes:
+        detail = "; ".join(f"{n} {what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                           for n, what, keys in ((len(missing), "missing", missing),
+                                                 (len(unexpected), "unexpected", unexpected),
+                                                 (len(shapes), "mis-shaped", shapes)) if keys)
+        raise FinetuneError(f"init={init.source.path}: weights do not fit model.name={model.pretrained_cfg.get('architecture')} "
+                            f"({detail}); set model.name to the architecture the init was trained with")
+    model.load_state_dict(state, strict=False)
+
+
+def build_model(init: InitWeights, model_cfg: ModelConfig, classes: Sequence[dict], *, head_seed: bool,
+                log: Callable[[str], None] = print) -> nn.Module:
+    """create_model(model.name) for len(classes) outputs, the init's weights in it, and the head seeded from
+    the pretrained head by wnid when both class lists carry wnids."""
+    from pipeline.models import create_model, load_timm_state_dict
+
+    if init.arch_name is not None and init.arch_name != model_cfg.name:
+        raise FinetuneError(f"init={init.source.path} holds {init.arch_name} weights but model.name is "
+                            f"{model_cfg.name}; set model.name={init.arch_name} (and its eval size), or pass an "
+                            f"init of {model_cfg.name}")
+    options = {"bn_eps": model_cfg.bn_eps, "bn_momentum": model_cfg.bn_momentum, "padding": model_cfg.padding,
+               "channels_last": model_cfg.channels_last, "grad_checkpointing": model_cfg.grad_checkpointing}
+    # Padding and BN eps define what the pretrained weights compute: the init's values win over the config's.
+    for key in ("padding", "bn_eps"):
+        if key in init.options and init.options[key] != options[key]:
+            log(f"model.{key}: using the init's {init.options[key]!r} (config: {options[key]!r})")
+            options[key] = init.options[key]
+    try:
+        model = create_model(model_cfg.name, num_classes=len(classes), drop_rate=model_cfg.drop_rate,
+                             drop_path_rate=model_cfg.drop_path_rate, **options)
+    except ValueError as e:
+        raise FinetuneError(f"model: {e}") from None
+
+    if init.source.kind == "timm":
+        try:
+            res = load_timm_state_dict(model, init.state_dict, ignore_classifier=True)
+        except ValueError as e:
+            raise FinetuneError(f"init={init.source.path}: {e}; set model.name (and model.padding=same for "
+                                f"tf_efficientnetv2_* weights) to match the file") from None
+        log(f"init: {res.loaded} tensors from timm file {init.source.path} ({init.weights} weights); "
+            f"new classifier for {len(classes)} classes")
+        return model
+
+    _load_backbone(model, init.state_dict, init)
+    old_w, old_b = init.state_dict.get("classifier.weight"), init.state_dict.get("classifier.bias")
+    what = f"init: {init.source.kind} {init.source.path} ({init.arch_name}, {init.weights} weights)"
+    if not head_seed or old_w is None:
+        log(f"{what}; new classifier for {len(classes)} classes")
+    elif not any(class_wnids(init.classes)) or not any(class_wnids(classes)):
+        log(f"{what}; new classifier for {len(classes)} classes (no wnids on both sides to seed it from)")
+    else:
+        n = seed_head_rows(model.classifier, old_w, old_b, init.classes, classes)
+        log(f"{what}; seeded {n} of {len(classes)} classifier rows from the pretrained head (matched by wnid)")
+    return model
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """Number of samples whose label is among the top-k logits, for each k (k capped at the class count)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices  # (B, kmax)
+    hit = top.eq(targets.view(-1, 1))
+    return [int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
+
+
+def result_table(results: dict[str, dict[str, float]]) -> str:
+    """A small fixed-width table: one row per weight set (raw / ema), top-1 / top-5 in percent."""
+    lines = [f"{'weights':<8} {'top-1':>7} {'top-5':>7} {'images':>8}"]
+    for name, r in results.items():
+        lines.append(f"{name:<8} {r['top1']:>7.2f} {r['top5']:>7.2f} {int(r['images']):>8d}")
+    return "\n".join(lines)
+
+
+def steps_from_epochs(epochs: float, samples: int, global_batch: int) -> int:
+    return max(1, math.ceil(epochs * samples / global_batch))
+
+
+def soft_target_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets (label smoothing and mixing already in them), in float32."""
+    return -(target.float() * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+             autocast: Optional[Callable[[], Any]] = None, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy (percent) over an EvalLoader, summed across ranks by ``reduce_sum`` (a collective:
+    every rank calls it once). Padding samples (``valid`` False) do not count."""
+    import contextlib
+
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(len(ks) + 1, dtype=torch.float64)  # hits per k, then samples
+    try:
+        for batch in loader:
+            valid = batch["valid"]
+            if not bool(valid.any()):
+                continue
+            x = batch["image"][valid].to(device, non_blocking=True)
+            y = batch["label"][valid].to(device)
+            with (autocast() if autocast is not None else contextlib.nullcontext()):
+                logits = model(x)
+            hits = topk_correct(logits.float(), y, ks)
+            counts += torch.tensor(hits + [int(valid.sum())], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    total = reduce_sum(counts.to(device)).cpu()
+    n = float(total[-1])
+    out = {f"top{k}": (100.0 * float(total[i]) / n if n else float("nan")) for i, k in enumerate(ks)}
+    out["images"] = n
+    return out
+
+
+def flat_hparams(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {dotted key: scalar} for TensorBoard's hparams (lists and None as text)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_hparams(v, key + "."))
+        elif isinstance(v, (bool, int, float, str)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
