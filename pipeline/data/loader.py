@@ -1,0 +1,765 @@
+"""Streaming loaders: the resumable training loader (shards or a datasets folder) and the eval loader.
+
+Training. ``build_train_loader(cfg.data, stage=..., micro_batch_size=..., ...)`` returns a :class:`TrainLoader`,
+an endless iterator of batches ``{"image": (B, C, H, W), "target": (B, K) soft targets, "key": [B keys]}``
+across epochs. Each rank runs ``data.workers`` reader processes (or reads in-process with 0 workers); each
+reader streams its own shards (see shards.py), decodes and transforms its samples and builds whole batches,
+including mixup / cutmix. The per-sample augmentation is seeded from (seed, epoch, sample key) and the batch
+mixing from (seed, epoch, reader, position), so what a sample becomes depends on nothing else.
+
+Position and resume. Every batch carries the reader it came from and that reader's position (samples
+delivered); the loader records them as the *consumer* receives batches, so prefetched batches that were never
+handed out do not count. torch's DataLoader polls its workers round-robin starting at worker 0 and skips
+exhausted ones; on a restart (resume, stage change, new epoch) worker ``i`` serves reader
+``(i + next_reader) % workers``, so the round-robin continues where it stopped. Fast-forward replays only the
+readers' RNGs and reads the tar members still in the shuffle buffers; nothing is decoded. After
+``load_state_dict`` the batches' keys (and, at the same stage, images and targets) are those the uninterrupted
+run would have produced. A state from a different number of ranks or workers continues the epoch with the
+samples not yet seen (no sample twice in the epoch) -- exactly, but not in the same order as an uninterrupted
+run on the new layout.
+
+Equal batches per rank: every reader of every rank delivers the same number of samples per epoch (the smallest
+reader's share; the rest of the others' shares waits for the next epoch's order), and bad samples are replaced
+inside their batch instead of shortening it, so no rank ever waits in a collective for a batch that does not
+come.
+
+Eval. ``build_eval_loader`` splits the validation samples into contiguous ranges, one per reader: every sample
+exactly once across ranks; ranks with fewer batches get padding batches, and ``batch["valid"]`` marks the real
+samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..config import DataConfig
+from .shards import (DataError, DatasetReaders, Missing, SplitIndex, TrainPlan, eval_addresses, eval_ranges,
+                     load_split, sample_seed, stable_seed)
+
+STATE_VERSION = 1
+STATE_KIND = "effnetv2-train-loader"
+# The bad-sample threshold is checked once this many samples were seen (and at every epoch end), so that
+# one corrupt image among the first few does not stop a run with a 1 % threshold.
+MIN_SAMPLES_FOR_BAD_CHECK = 500
+_MAX_BAD_EXAMPLES = 5
+
+
+# ------------------------------------------------------------------------------------------- sources
+
+
+@dataclass
+class _Source:
+    """What the readers need about the data, independent of shards vs. a datasets folder."""
+
+    kind: str  # "shards" | "hf"
+    plan: Any  # TrainPlan / HFPlan: quota(), stream(), delivered(), global_index()
+    make_fetch: Callable[[], Any]  # in the reader: address -> sample dict | Missing (with .close())
+    num_classes: int
+    label_maps: list[Optional[np.ndarray]]  # per dataset: its class index -> our class index
+    multi_label: list[bool]
+    identity: dict  # what must not change on resume
+    describe: str
+    dataset_samples: int
+    classes: tuple = ()
+    make_plan: Optional[Callable[..., Any]] = None  # (world_size, workers, exclude, segment) -> plan
+    dataset_sizes: list[int] = field(default_factory=list)
+
+
+def _label_maps(splits: Sequence[SplitIndex]) -> list[Optional[np.ndarray]]:
+    """Map each dataset's class indices onto the first dataset's by wnid (ImageNet-1k inside 21k)."""
+    ref = splits[0].wnids()
+    ref_index = {w: i for i, w in enumerate(ref) if w is not None}
+    maps: list[Optional[np.ndarray]] = [None]
+    for d, s in enumerate(splits[1:], start=1):
+        w = s.wnids()
+        if w == ref or (not s.classes and s.num_classes <= splits[0].num_classes):
+            maps.append(None)
+            continue
+        unknown = [x for x in w if x not in ref_index]
+        if unknown:
+            raise DataError(f"data.train[{d}] ({s.info_path}) has classes that data.train[0] ({splits[0].info_path}) "
+                            f"does not: {unknown[:5]} ({len(unknown)} in all); datasets are mixed in the first one's "
+                            "label space (matched by wnid), so put the dataset with every class first")
+        maps.append(np.asarray([ref_index[x] for x in w], dtype=np.int64))
+    return maps
+
+
+def _shard_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int) -> _Source:
+    if not cfg.train:
+        raise DataError("data.train is empty: list shard folders written by `python -m shards write` "
+                        "(or set data.hf_dataset to a datasets folder)")
+    splits = [load_split(root, cfg.train_split) for root in cfg.train]
+
+    def make_plan(world_size: int, workers: int, exclude=None, segment: int = 0) -> TrainPlan:
+        return TrainPlan(splits, weights=cfg.train_weights or None, seed=seed, world_size=world_size,
+                         workers=workers, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
+                         exclude=exclude, segment=segment)
+
+    plan = make_plan(world_size, workers)
+    identity = {"type": "shards", "datasets": [s.fingerprint() for s in splits],
+                "weights": list(cfg.train_weights), "resampled": bool(cfg.resampled),
+                "shuffle_buffer": int(cfg.shuffle_buffer), "seed": int(seed)}
+    names = ", ".join(f"{s.root} ({s.samples} samples, {s.num_shards} shards)" for s in splits)
+    return _Source(kind="shards", plan=plan, make_fetch=lambda: DatasetReaders(splits),
+                   num_classes=splits[0].num_classes, label_maps=_label_maps(splits),
+                   multi_label=[s.multi_label for s in splits], identity=identity, describe=names,
+                   dataset_samples=sum(s.samples for s in splits), classes=splits[0].classes,
+                   make_plan=make_plan, dataset_sizes=[s.samples for s in splits])
+
+
+def _hf_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int, split: str) -> _Source:
+    from .hf import HFPlan, HFSource
+
+    src = HFSource.from_config(cfg, split)
+
+    def make_plan(world_size: int, workers: int, exclude=None, segment: int = 0) -> HFPlan:
+        return HFPlan(len(src), seed=seed, world_size=world_size, workers=workers, exclude=exclude,
+                      segment=segment)
+
+    identity = {"type": "hf", "datasets": [src.fingerprint()], "seed": int(seed)}
+    return _Source(kind="hf", plan=make_plan(world_size, workers), make_fetch=lambda: src,
+                   num_classes=src.num_classes, label_maps=[None], multi_label=[src.multi_label],
+                   identity=identity, describe=f"{cfg.hf_dataset} [{split}] ({len(src)} samples)",
+                   dataset_samples=len(src), classes=src.classes, make_plan=make_plan, dataset_sizes=[len(src)])
+
+
+# -------------------------------------------------------------------------------------------- labels
+
+
+def _parse_labels(sample: dict, multi_label: bool, label_map: Optional[np.ndarray], num_classes: int) -> list[int]:
+    if multi_label and "json" in sample:
+        labels = json.loads(sample["json"]).get("labels")
+        if not isinstance(labels, list) or not labels:
+            raise ValueError("multi-label sample without a non-empty 'labels' list in its json")
+        labels = [int(x) for x in labels]
+    elif "cls" in sample:
+        labels = [int(sample["cls"])]
+    else:
+        raise ValueError(f"no 'cls' member (members: {sorted(k for k in sample if not k.startswith('__'))})")
+    if label_map is not None:
+        if any(not 0 <= x < len(label_map) for x in labels):
+            raise ValueError(f"label {labels} outside the dataset's {len(label_map)} classes")
+        labels = [int(label_map[x]) for x in labels]
+    if any(not 0 <= x < num_classes for x in labels):
+        raise ValueError(f"label {labels} outside [0, {num_classes})")
+    return labels
+
+
+def _soft_targets(labels: list[list[int]], num_classes: int, smoothing: float) -> torch.Tensor:
+    """(B, K) targets summing to 1: one-hot (or multi-hot / n) with label smoothing."""
+    from .mixing import multi_label_targets, one_hot_targets
+
+    if all(len(x) == 1 for x in labels):
+        return one_hot_targets(torch.tensor([x[0] for x in labels], dtype=torch.long), num_classes, smoothing)
+    return multi_label_targets(labels, num_classes, smoothing)
+
+
+# --------------------------------------------------------------------------------------- train reader
+
+
+@dataclass
+class _BadRecord:
+    key: str
+    url: str
+    reason: str
+
+
+class _TrainReaders(IterableDataset):
+    """One epoch segment of one rank: iterated in each worker (or in-process), yields whole batches."""
+
+    def __init__(self, *, source: _Source, plan: Any, epoch: int, rank: int, workers: int, positions: list[int],
+                 start_reader: int, batch_size: int, transform: Callable, num_classes: int, smoothing: float,
+                 mixup: float, cutmix: float, seed: int):
+        self.source, self.plan, self.epoch, self.rank = source, plan, epoch, rank
+        self.workers = max(1, workers)
+        self.positions = list(positions)
+        self.start_reader = start_reader
+        self.batch_size = batch_size
+        self.transform = transform
+        self.num_classes = num_classes
+        self.smoothing = smoothing
+        self.mixup, self.cutmix = mixup, cutmix
+        self.seed = seed
+        self.sample_base = stable_seed("sample", seed, epoch)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        reader = 0 if info is None else (info.id + self.start_reader) % self.workers
+        return self._run(reader)
+
+    def _run(self, reader: int) -> Iterator[dict]:
+        fetch = self.source.make_fetch()
+        try:
+            stream = self.plan.stream(self.epoch, self.rank, reader, fetch=fetch)
+            stream.skip(self.positions[reader])
+            while stream.remaining >= self.batch_size:
+                yield self._batch(stream, reader)
+        except DataError as e:
+            yield {"__error__": str(e)}
+        finally:
+            if hasattr(fetch, "close"):
+                fetch.close()
+
+    def _decode(self, address, content) -> tuple[Optional[torch.Tensor], Optional[list[int]], str, Optional[str]]:
+        """(image, labels, key, error): the sample's augmentation seeded from (seed, epoch, key)."""
+        if isinstance(content, Missing):
+            return None, None, content.key, content.reason
+        key = content.get("__key__", "?")
+        d = address[0]
+        try:
+            labels = _parse_labels(content, self.source.multi_label[d], self.source.label_maps[d], self.num_classes)
+            s = sample_seed(self.sample_base, key)
+            random.seed(s)
+            torch.default_generator.manual_seed(s)
+            image = self.transform(content)
+        except Exception as e:  # decode errors, bad labels: counted, shown in the threshold error
+            return None, None, key, f"{type(e).__name__}: {e}"
+        return image, labels, key, None
+
+    def _batch(self, stream, reader: int) -> dict:
+        start_pos = stream.delivered
+        items = [stream.next() for _ in range(self.batch_size)]
+        images, labels, keys, bad = [], [], [], []
+        for address, content in items:
+            image, lab, key, err = self._decode(address, content)
+            images.append(image)
+            labels.append(lab)
+            keys.append(key)
+            if err is not None:
+                url = content.url if isinstance(content, Missing) else content.get("__url__", "?")
+                bad.append(_BadRecord(key, url, err))
+        good = [i for i, im in enumerate(images) if im is not None]
+        if not good:
+            # the whole batch failed: take a replacement from the shuffle buffer, which is the same in a
+            # resumed run (decoding it here does not consume it)
+            for address, content in stream.peek_contents():
+                image, lab, key, err = self._decode(address, content)
+                if err is None:
+                    images[0], labels[0], keys[0] = image, lab, key
+                    good = [0]
+                    break
+            else:
+                raise DataError(f"all {self.batch_size} samples of a batch failed and no readable replacement "
+                                f"is left in the shuffle buffer (e.g. {bad[0].url}: {bad[0].reason}); check the "
+                                "shards with `python -m shards verify`")
+        # bad samples are replaced by good ones of the same batch: the batch keeps its size, and the position
+        # (samples consumed) is the same whatever fails to decode
+        j = 0
+        for i in range(len(images)):
+            if images[i] is None:
+                src = good[j % len(good)]
+                j += 1
+                images[i], labels[i], keys[i] = images[src], labels[src], keys[src]
+        image = torch.stack(images)  # (B, C, H, W)
+        target = _soft_targets(labels, self.num_classes, self.smoothing)
+        if self.mixup > 0 or self.cutmix > 0:
+            from .mixing import mix_batch
+
+            slot = self.rank * self.workers + reader
+            gen = torch.Generator().manual_seed(stable_seed("mix", self.seed, self.epoch, slot, start_pos)
+                                                & 0x7FFFFFFFFFFFFFFF)
+            image, target = mix_batch(image, target, self.mixup, self.cutmix, gen)
+        return {"image": image, "target": target, "key": keys, "__reader": reader, "__pos": stream.delivered,
+                "__n": len(items), "__bad": len(bad),
+                "__bad_examples": [(b.key, b.url, b.reason) for b in bad[:_MAX_BAD_EXAMPLES]]}
+
+
+# -------------------------------------------------------------------------------------- train loader
+
+
+def _default_transform(cfg: DataConfig, stage) -> Callable:
+    from .transforms import TrainTransform
+
+    return TrainTransform(cfg, stage.image_size, stage.randaug)
+
+
+class TrainLoader:
+    """Endless, resumable batches for one rank; see the module docstring for the guarantees.
+
+    Counters (per rank, saved in the state): ``samples_seen`` (samples consumed, bad ones included),
+    ``bad_samples``. ``stats()`` adds samples/s and the time the consumer waited for batches.
+    """
+
+    def __init__(self, cfg: DataConfig, source: _Source, *, stage, micro_batch_size: int, num_classes: int,
+                 label_smoothing: float, seed: int, rank: int, world_size: int, workers: int,
+                 transform_factory: Optional[Callable[[DataConfig, Any], Callable]] = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.cfg = cfg
+        self.source = source
+        self.plan = source.plan
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(0, int(workers))  # DataLoader processes (0: read in this process)
+        self.readers_per_rank = max(1, self.num_workers)
+        self.seed = int(seed)
+        self.num_classes = int(num_classes) if num_classes else source.num_classes
+        if self.num_classes < source.num_classes:
+            raise DataError(f"the model has {self.num_classes} classes but the training data has "
+                            f"{source.num_classes} ({source.describe}); set model.num_classes=0 to take the "
+                            "data's class count, or a value >= it")
+        self.label_smoothing = float(label_smoothing)
+        self._transform_factory = transform_factory or _default_transform
+        self.stage = stage
+        self.micro_batch_size = int(micro_batch_size)
+        self._transform = None
+        self.epoch = 0
+        self.positions = [0] * self.readers_per_rank
+        self.next_reader = 0
+        self.history: list[dict] = []  # earlier layouts within the current epoch (after a world-size change)
+        self.samples_seen = 0
+        self.bad_samples = 0
+        self.batches = 0
+        self.bad_examples: list[tuple[str, str, str]] = []
+        self._it: Optional[Iterator] = None
+        self._dl: Optional[DataLoader] = None
+        self._empty_epochs = 0
+        # throughput window
+        self.wait_s = 0.0
+        self._win_start = time.perf_counter()
+        self._win_samples = 0
+        self._win_wait = 0.0
+        self._check_batch_size()
+
+    # --- public properties
+
+    @property
+    def quota(self) -> int:
+        """Samples each reader delivers this epoch (equal on all readers of all ranks)."""
+        return self.plan.quota(self.epoch)
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples all ranks together consume per epoch (a nominal epoch with resampling)."""
+        return self.plan.quota(0) * self.world_size * self.readers_per_rank
+
+    @property
+    def dataset_samples(self) -> int:
+        return self.source.dataset_samples
+
+    @property
+    def classes(self) -> tuple:
+        return self.source.classes
+
+    def batches_per_epoch(self, micro_batch_size: Optional[int] = None) -> int:
+        """Batches per rank in a whole epoch at a fixed micro-batch size (the same on every rank)."""
+        b = micro_batch_size or self.micro_batch_size
+        return self.readers_per_rank * (self.plan.quota(self.epoch) // b)
+
+    # --- iteration
+
+    def __iter__(self) -> "TrainLoader":
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            if self._it is None:
+                self._start()
+            t0 = time.perf_counter()
+            try:
+                if self.num_workers == 0:
+                    # in-process readers reseed the global RNGs per sample; keep the trainer's streams intact
+                    py_state, torch_state = random.getstate(), torch.get_rng_state()
+                    try:
+                        rec = next(self._it)
+                    finally:
+                        random.setstate(py_state)
+                        torch.set_rng_state(torch_state)
+                else:
+                    rec = next(self._it)
+            except StopIteration:
+                self._end_epoch()
+                continue
+            waited = time.perf_counter() - t0
+            self.wait_s += waited
+            self._win_wait += waited
+            return self._accept(rec)
+
+    def _check_batch_size(self) -> None:
+        q = self.plan.quota(self.epoch)
+        if q < self.micro_batch_size:
+            raise DataError(
+                f"each of the {self.world_size} ranks x {self.readers_per_rank} readers gets {q} samples per epoch "
+                f"({self.source.describe}), fewer than the micro-batch size {self.micro_batch_size}; lower "
+                "data.workers or the micro-batch size, or use more data")
+
+    def _transform_now(self) -> Callable:
+        if self._transform is None:
+            self._transform = self._transform_factory(self.cfg, self.stage)
+        return self._transform
+
+    def _start(self) -> None:
+        self._check_batch_size()
+        readers = _TrainReaders(
+            source=self.source, plan=self.plan, epoch=self.epoch, rank=self.rank, workers=self.readers_per_rank,
+            positions=self.positions, start_reader=self.next_reader, batch_size=self.micro_batch_size,
+            transform=self._transform_now(), num_classes=self.num_classes, smoothing=self.label_smoothing,
+            mixup=float(getattr(self.stage, "mixup", 0.0) or 0.0),
+            cutmix=float(getattr(self.stage, "cutmix", 0.0) or 0.0), seed=self.seed)
+        if self.num_workers == 0:
+            self._dl = None
+            self._it = iter(readers)
+        else:
+            self._dl = DataLoader(readers, batch_size=None, num_workers=self.num_workers,
+                                  pin_memory=torch.cuda.is_available(), persistent_workers=False)
+            self._it = iter(self._dl)
+        self._started_batches = self.batches
+
+    def _stop(self) -> None:
+        it, self._it, self._dl = self._it, None, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def close(self) -> None:
+        """Stop the reader processes (prefetched batches are dropped; the position stays where it was)."""
+        self._stop()
+
+    def __del__(self):
+        try:
+            self._stop()
+        except Exception:
+            pass
+
+    def _end_epoch(self) -> None:
+        self._stop()
+        if self.batches == self._started_batches:
+            self._empty_epochs += 1
+            if self._empty_epochs > 1:
+                raise DataError(f"the loader produced no batch in a whole epoch ({self.source.describe}); "
+                                "every shard may be unreadable")
+        else:
+            self._empty_epochs = 0
+        self._check_bad(force=True)
+        self.epoch += 1
+        self.positions = [0] * self.readers_per_rank
+        self.next_reader = 0
+        if self.history:
+            self.history = []
+            self.plan = self.source.make_plan(self.world_size, self.readers_per_rank)
+
+    def _accept(self, rec: dict) -> dict:
+        if "__error__" in rec:
+            self._stop()
+            raise DataError(rec["__error__"])
+        reader = rec.pop("__reader")
+        self.positions[reader] = rec.pop("__pos")
+        self.next_reader = (reader + 1) % self.readers_per_rank
+        n = rec.pop("__n")
+        nbad = rec.pop("__bad")
+        examples = rec.pop("__bad_examples")
+        self.samples_seen += n
+        self._win_samples += n
+        self.bad_samples += nbad
+        self.batches += 1
+        if examples:
+            self.bad_examples = (self.bad_examples + [tuple(e) for e in examples])[-_MAX_BAD_EXAMPLES:]
+        self._check_bad()
+        return rec
+
+    def _check_bad(self, force: bool = False) -> None:
+        if self.samples_seen == 0 or (not force and self.samples_seen < MIN_SAMPLES_FOR_BAD_CHECK):
+            return
+        frac = self.bad_samples / self.samples_seen
+        if frac > self.cfg.max_bad_fraction:
+            self._stop()
+            lines = "; ".join(f"{k} in {u}: {r}" for k, u, r in self.bad_examples)
+            raise DataError(
+                f"rank {self.rank}: {self.bad_samples} of {self.samples_seen} samples ({frac:.2%}) could not be "
+                f"read or decoded, above data.max_bad_fraction={self.cfg.max_bad_fraction:g}. Recent: {lines}. "
+                "Check the shards (`python -m shards verify FOLDER`), rewrite the damaged ones, or raise "
+                "data.max_bad_fraction")
+
+    # --- stages
+
+    def set_stage(self, stage, micro_batch_size: Optional[int] = None) -> None:
+        """Switch to a stage's transforms (and micro-batch size) at the current position.
+
+        The readers restart from the samples the consumer has received: prefetched batches of the old stage
+        are dropped and their samples come again under the new stage, so none is lost or repeated.
+        """
+        self._stop()
+        self.stage = stage
+        if micro_batch_size is None:
+            micro_batch_size = getattr(stage, "micro_batch_size", None) or self.micro_batch_size
+        self.micro_batch_size = int(micro_batch_size)
+        self._transform = None
+        self._check_batch_size()
+
+    # --- counters
+
+    def stats(self, reset: bool = True) -> dict:
+        """Counters for logging; samples/s and wait time cover the window since the last reset."""
+        now = time.perf_counter()
+        window = max(now - self._win_start, 1e-9)
+        out = {"epoch": self.epoch, "samples_seen": self.samples_seen, "bad_samples": self.bad_samples,
+               "bad_fraction": self.bad_samples / max(1, self.samples_seen),
+               "samples_per_s": self._win_samples / window, "wait_s": self._win_wait,
+               "wait_fraction": self._win_wait / window, "wait_s_total": self.wait_s}
+        if reset:
+            self._win_start, self._win_samples, self._win_wait = now, 0, 0.0
+        return out
+
+    # --- state
+
+    def state_dict(self) -> dict:
+        """The position and counters. Positions are the same on every rank (all ranks consume alike), so a
+        state saved by any rank restores any rank's position; ``bad_samples`` is this rank's."""
+        return {"version": STATE_VERSION, "kind": STATE_KIND, "source": dict(self.source.identity),
+                "world_size": self.world_size, "workers": self.readers_per_rank, "rank": self.rank,
+                "epoch": self.epoch, "positions": list(self.positions), "next_reader": self.next_reader,
+                "history": [dict(h) for h in self.history], "samples_seen": self.samples_seen,
+                "bad_samples": self.bad_samples, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
+            raise DataError("the checkpoint's data-loader state is not a training-loader state; it cannot be "
+                            "resumed by this version (start with checkpoint.resume=none)")
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data-loader state version {state.get('version')} (this code reads {STATE_VERSION}); "
+                            "resume with the code version that wrote the checkpoint")
+        saved, now = state["source"], self.source.identity
+        changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                   if saved.get(k) != now.get(k)]
+        if changed:
+            raise DataError("cannot resume the data stream: the data or its order changed since the checkpoint ("
+                            + "; ".join(changed) + "). Restore data.train / data.train_weights / "
+                            "data.shuffle_buffer / data.resampled / train.seed, or start a new run")
+        self._stop()
+        self.epoch = int(state["epoch"])
+        self.samples_seen = int(state["samples_seen"])
+        self.bad_samples = int(state["bad_samples"]) if state.get("rank") == self.rank else 0
+        self.batches = int(state.get("batches", 0))
+        same_layout = (state["world_size"] == self.world_size and state["workers"] == self.readers_per_rank)
+        history = [dict(h) for h in state.get("history", [])]
+        if same_layout:
+            self.positions = [int(p) for p in state["positions"]]
+            self.next_reader = int(state["next_reader"])
+        else:
+            history.append({"world_size": int(state["world_size"]), "workers": int(state["workers"]),
+                            "positions": [int(p) for p in state["positions"]]})
+            self.positions = [0] * self.readers_per_rank
+            self.next_reader = 0
+        self.history = history
+        self.plan = self._plan_after(history)
+        self._check_batch_size()
+
+    def _plan_after(self, history: list[dict]):
+        """The plan for this layout, leaving out what earlier layouts delivered in this epoch."""
+        if not history:
+            return self.source.make_plan(self.world_size, self.readers_per_rank)
+        if self.cfg.resampled and self.source.kind == "shards":
+            # draws with replacement: nothing to exclude, only a fresh RNG stream
+            return self.source.make_plan(self.world_size, self.readers_per_rank, None, len(history))
+        seen = [np.zeros(n, dtype=bool) for n in self.source.dataset_sizes]
+        for k, seg in enumerate(history):
+            plan = self.source.make_plan(seg["world_size"], seg["workers"], [m.copy() for m in seen], k)
+            for r in range(seg["world_size"]):
+                for w in range(seg["workers"]):
+                    for address in plan.delivered(self.epoch, r, w, seg["positions"][w]):
+                        d, g = plan.global_index(address)
+                        seen[d][g] = True
+        return self.source.make_plan(self.world_size, self.readers_per_rank, seen, len(history))
+
+
+def build_train_loader(cfg: DataConfig, *, stage, micro_batch_size: Optional[int] = None, num_classes: int = 0,
+                       label_smoothing: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                       workers: Optional[int] = None,
+                       transform_factory: Optional[Callable[[DataConfig, Any], Callable]] = None) -> TrainLoader:
+    """The training loader of one rank, from shards (``cfg.train``) or a datasets folder (``cfg.hf_dataset``).
+
+    ``stage``: a progressive.Stage (image_size, randaug, mixup, cutmix, micro_batch_size are read).
+    ``micro_batch_size``: per rank; None takes ``stage.micro_batch_size``. ``num_classes`` 0: the data's.
+    ``workers`` None: ``cfg.workers``. ``transform_factory(cfg, stage)`` replaces the TrainTransform (tests,
+    benchmarks).
+    """
+    workers = cfg.workers if workers is None else workers
+    readers = max(1, workers)
+    if cfg.hf_dataset:
+        source = _hf_source(cfg, seed=seed, world_size=world_size, workers=readers, split=cfg.hf_train_split)
+    else:
+        source = _shard_source(cfg, seed=seed, world_size=world_size, workers=readers)
+    mbs = micro_batch_size or getattr(stage, "micro_batch_size", None)
+    if not mbs:
+        raise ValueError("build_train_loader needs micro_batch_size (or a stage with micro_batch_size)")
+    return TrainLoader(cfg, source, stage=stage, micro_batch_size=mbs, num_classes=num_classes,
+                       label_smoothing=label_smoothing, seed=seed, rank=rank, world_size=world_size,
+                       workers=workers, transform_factory=transform_factory)
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+class _EvalReaders(IterableDataset):
+    def __init__(self, *, ranges: list[tuple[int, int]], addresses: Callable[[int, int], Iterator], make_fetch,
+                 workers: int, batch_size: int, transform: Callable, num_classes: int, multi_label: bool):
+        self.ranges, self.addresses, self.make_fetch = ranges, addresses, make_fetch
+        self.workers = max(1, workers)
+        self.batch_size, self.transform = batch_size, transform
+        self.num_classes, self.multi_label = num_classes, multi_label
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        reader = 0 if info is None else info.id
+        start, stop = self.ranges[reader]
+        fetch = self.make_fetch()
+        try:
+            batch: list = []
+            for address in self.addresses(start, stop):
+                batch.append(self._one(address, fetch(address)))
+                if len(batch) == self.batch_size:
+                    yield self._collate(batch)
+                    batch = []
+            if batch:
+                yield self._collate(batch)
+        finally:
+            if hasattr(fetch, "close"):
+                fetch.close()
+
+    def _one(self, address, content) -> tuple:
+        if isinstance(content, Missing):
+            return None, None, content.key
+        key = content.get("__key__", "?")
+        try:
+            labels = _parse_labels(content, self.multi_label, None, self.num_classes)
+            return self.transform(content), labels, key
+        except Exception:
+            return None, None, key
+
+    def _collate(self, items: list) -> dict:
+        good = next((im for im, _, _ in items if im is not None), None)
+        shape = good.shape if good is not None else None
+        n = self.batch_size
+        valid = torch.zeros(n, dtype=torch.bool)
+        label = torch.full((n,), -1, dtype=torch.long)
+        keys = [""] * n
+        images = []
+        multi = torch.zeros(n, self.num_classes, dtype=torch.bool) if self.multi_label else None
+        for i, (im, lab, key) in enumerate(items):
+            keys[i] = key
+            if im is not None:
+                valid[i] = True
+                label[i] = lab[0]
+                if multi is not None:
+                    multi[i, lab] = True
+            images.append(im)
+        out = {"valid": valid, "label": label, "key": keys, "__bad": sum(im is None for im, _, _ in items),
+               "__images": images, "__shape": shape}
+        if multi is not None:
+            out["labels"] = multi
+        return out
+
+
+class EvalLoader:
+    """Every validation sample exactly once across ranks, the same number of batches on every rank.
+
+    Iterating yields ``{"image": (B, C, S, S), "label": (B,) (-1 on padding), "valid": (B,) bool, "key": [...]}``
+    (plus ``"labels"``: (B, K) multi-hot for multi-label data); batches are always full size, padded. Every
+    iteration is a fresh pass. ``bad_samples`` counts unreadable samples of the last pass (they are invalid).
+    """
+
+    def __init__(self, *, ranges_by_rank: list[list[tuple[int, int]]], rank: int, addresses, make_fetch,
+                 workers: int, batch_size: int, transform: Callable, image_size: int, num_classes: int,
+                 multi_label: bool, describe: str, total: int):
+        self.rank = rank
+        self.num_workers = max(0, workers)
+        self.readers = max(1, workers)
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.total = total
+        self.describe = describe
+        self._ranges = ranges_by_rank[rank]
+        per_rank = [sum(math.ceil((b - a) / batch_size) for a, b in r) for r in ranges_by_rank]
+        self.num_batches = max(per_rank)
+        self._own_batches = per_rank[rank]
+        self._readers = _EvalReaders(ranges=self._ranges, addresses=addresses, make_fetch=make_fetch,
+                                     workers=self.readers, batch_size=batch_size, transform=transform,
+                                     num_classes=num_classes, multi_label=multi_label)
+        self.bad_samples = 0
+        self.samples = sum(b - a for a, b in self._ranges)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _pad_image(self, shape) -> torch.Tensor:
+        shape = shape if shape is not None else (3, self.image_size, self.image_size)
+        return torch.zeros(shape)
+
+    def __iter__(self) -> Iterator[dict]:
+        self.bad_samples = 0
+        if self.num_workers == 0:
+            it = iter(self._readers)
+        else:
+            it = iter(DataLoader(self._readers, batch_size=None, num_workers=self.num_workers,
+                                 pin_memory=torch.cuda.is_available()))
+        produced = 0
+        for rec in it:
+            shape = rec.pop("__shape")
+            images = rec.pop("__images")
+            self.bad_samples += rec.pop("__bad")
+            pad = self._pad_image(shape)
+            images = images + [None] * (self.batch_size - len(images))
+            rec["image"] = torch.stack([im if im is not None else pad for im in images])
+            produced += 1
+            yield rec
+        n = self.batch_size
+        for _ in range(self.num_batches - produced):
+            yield {"image": torch.zeros(n, 3, self.image_size, self.image_size),
+                   "label": torch.full((n,), -1, dtype=torch.long), "valid": torch.zeros(n, dtype=torch.bool),
+                   "key": [""] * n,
+                   **({"labels": torch.zeros(n, self.num_classes, dtype=torch.bool)}
+                      if self._readers.multi_label else {})}
+
+
+def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int, rank: int = 0,
+                      world_size: int = 1, split: Optional[str] = None, workers: Optional[int] = None,
+                      num_classes: int = 0, transform: Optional[Callable] = None) -> EvalLoader:
+    """The eval loader of one rank: ``cfg.val`` (default: the first training folder), split ``cfg.val_split``
+    (or ``cfg.hf_val_split`` of ``cfg.hf_dataset``), EvalTransform at ``image_size``."""
+    workers = cfg.workers if workers is None else workers
+    readers = max(1, workers)
+    if transform is None:
+        from .transforms import EvalTransform
+
+        transform = EvalTransform(cfg, image_size)
+    if cfg.hf_dataset and not cfg.val:
+        from .hf import HFSource
+
+        split = split or cfg.hf_val_split
+        src = HFSource.from_config(cfg, split)
+        total = len(src)
+
+        def addresses(start: int, stop: int):
+            return ((0, 0, i, i) for i in range(start, stop))
+
+        make_fetch: Callable = lambda: src  # noqa: E731
+        k, multi, describe = src.num_classes, src.multi_label, f"{cfg.hf_dataset} [{split}]"
+    else:
+        root = cfg.val or (cfg.train[0] if cfg.train else None)
+        if root is None:
+            raise DataError("no validation data: set data.val (or data.train) to a shard folder, or data.hf_dataset")
+        split = split or cfg.val_split
+        s = load_split(root, split)
+        total = s.samples
+
+        def addresses(start: int, stop: int):
+            return eval_addresses(s, start, stop)
+
+        make_fetch = lambda: DatasetReaders([s])  # noqa: E731
+        k, multi, describe = s.num_classes, s.multi_label, f"{root} [{split}]"
+    if num_classes and num_classes < k:
+        raise DataError(f"the model has {num_classes} classes but {describe} has {k}")
+    k = num_classes or k
+    ranges = eval_ranges(total, world_size * readers)
+    by_rank = [ranges[r * readers:(r + 1) * readers] for r in range(world_size)]
+    return EvalLoader(ranges_by_rank=by_rank, rank=rank, addresses=addresses, make_fetch=make_fetch,
+                      workers=workers, batch_size=micro_batch_size, transform=transform, image_size=image_size,
+                      num_classes=k, multi_label=multi, describe=describe, total=total)

@@ -1,0 +1,294 @@
+"""Rank, world size and local rank from torchrun, the deepspeed launcher or SLURM; process-group helpers.
+
+Launchers announce a process's place in different environment variables:
+
+* torchrun and the deepspeed launcher: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (+ ``LOCAL_WORLD_SIZE``),
+  ``MASTER_ADDR``, ``MASTER_PORT``.
+* ``srun`` (one task per GPU): ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS`` / ``SLURM_NTASKS``,
+  ``SLURM_LOCALID``; the rendezvous host is the first node of the step's node list and the port is derived
+  from the job id, so every task of a job computes the same values without talking to the others.
+
+Anything else is a single process (rank 0 of 1). ``init_distributed`` turns the detected environment into
+an initialised ``torch.distributed`` process group (``env://``) with a timeout, so a dead rank makes the
+others fail instead of hanging; the helpers below work with and without a process group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_PORT = 29500
+
+
+class DistributedError(RuntimeError):
+    """A launch environment that cannot work; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, as announced by its launcher."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_PORT
+    launcher: str = "single"
+    """'torchrun' (also the deepspeed launcher), 'slurm' or 'single'."""
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def node_rank(self) -> int:
+        return self.rank // max(1, self.local_world_size)
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    value = env[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={value!r} is not an integer; "
+                               "check the launcher (torchrun / srun) command line") from None
+
+
+def _first_int(text: str) -> int:
+    """'4(x2),2' (SLURM_STEP_TASKS_PER_NODE style) -> 4."""
+    m = re.match(r"\s*(\d+)", text)
+    return int(m.group(1)) if m else 1
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM node list ('gpu[01-03,07],login1') into host names, without scontrol.
+
+    Used when ``scontrol`` is not on the PATH (containers); handles one bracket group per name, which is what
+    SLURM prints for ordinary clusters.
+    """
+    hosts: list[str] = []
+    # split at commas that are not inside brackets
+    parts, depth, cur = [], 0, ""
+    for ch in nodelist.strip():
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        parts.append(cur)
+    for part in parts:
+        m = re.fullmatch(r"([^\[\]]*)\[([^\]]+)\]([^\[\]]*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-", 1)
+                width = len(lo)
+                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``scontrol show hostnames`` when available, else our own parser."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    hosts = expand_nodelist(nodelist)
+    if not hosts:
+        raise DistributedError(f"SLURM node list {nodelist!r} is empty; set MASTER_ADDR explicitly")
+    return hosts[0]
+
+
+def slurm_port(job_id: Optional[str]) -> int:
+    """A rendezvous port every task of a job agrees on; different jobs sharing a node get different ports."""
+    if not job_id or not job_id.isdigit():
+        return DEFAULT_PORT
+    return 15000 + int(job_id) % 20000
+
+
+def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
+    """Read the launcher's variables (``environ`` defaults to ``os.environ``); never starts a process group.
+
+    torchrun / deepspeed variables win over SLURM ones, so ``srun torchrun ...`` (one task per node, torchrun
+    spawning the GPU processes) is read correctly.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else None
+        if local_world is None:
+            # the deepspeed launcher does not set LOCAL_WORLD_SIZE; a node's worth of ranks is the best guess
+            local_world = torch.cuda.device_count() if torch.cuda.is_available() else world
+            local_world = max(1, min(world, local_world))
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT
+        launcher = "torchrun"
+    elif "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
+        rank = _int(env, "SLURM_PROCID")
+        # SLURM_STEP_NUM_TASKS: the tasks of this srun step (SLURM_NTASKS is the whole allocation's)
+        world = _int(env, "SLURM_STEP_NUM_TASKS") if "SLURM_STEP_NUM_TASKS" in env else _int(env, "SLURM_NTASKS")
+        local_rank = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or \
+            env.get("SLURM_NTASKS_PER_NODE") or str(world)
+        local_world = max(1, min(world, _first_int(per_node)))
+        if "MASTER_ADDR" in env:
+            addr = env["MASTER_ADDR"]
+        else:
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if nodelist:
+                addr = first_host(nodelist)
+            elif world == 1:
+                addr = "127.0.0.1"
+            else:
+                raise DistributedError("SLURM job with several tasks but no SLURM_JOB_NODELIST / SLURM_NODELIST; "
+                                       "set MASTER_ADDR to the first node's host name")
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else slurm_port(env.get("SLURM_JOB_ID"))
+        launcher = "slurm"
+    else:
+        return DistEnv()
+    if not (0 <= rank < world):
+        raise DistributedError(f"rank {rank} is outside world size {world}; check the launcher's variables "
+                               "(RANK / WORLD_SIZE or SLURM_PROCID / SLURM_NTASKS)")
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
+                   master_addr=addr, master_port=port, launcher=launcher)
+
+
+def init_distributed(backend: Optional[str] = None, timeout_s: int = 1800,
+                     environ: Optional[Mapping[str, str]] = None) -> DistEnv:
+    """Detect the environment and, for more than one process, start the default process group (``env://``).
+
+    ``backend`` None picks nccl when CUDA is available, else gloo. On CUDA the process's device is set to its
+    local rank first. Calling it again once a group exists returns the environment without re-initialising.
+    SLURM-derived MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE / LOCAL_RANK are exported into ``os.environ``
+    so that libraries reading them (DeepSpeed, accelerate) agree with us.
+    """
+    env = detect_env(environ)
+    for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
+                        ("LOCAL_WORLD_SIZE", env.local_world_size), ("MASTER_ADDR", env.master_addr),
+                        ("MASTER_PORT", env.master_port)):
+        os.environ.setdefault(name, str(value))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % max(1, torch.cuda.device_count()))
+    if env.world_size == 1 or (dist.is_available() and dist.is_initialized()):
+        return env
+    if not dist.is_available():
+        raise DistributedError("this PyTorch build has no torch.distributed; install a regular PyTorch wheel")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kwargs: dict[str, Any] = dict(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                  timeout=datetime.timedelta(seconds=timeout_s))
+    if backend == "nccl":
+        kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group(**kwargs)
+    return env
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank; before ``init_distributed`` read cheaply from the launcher's variables."""
+    if is_initialized():
+        return dist.get_rank()
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (logs, files that one process writes)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _reduce_device() -> torch.device:
+    # nccl reduces CUDA tensors only; gloo CPU tensors
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(value, op) -> Any:
+    """Reduce a number or tensor across ranks; returns the same kind (float for numbers)."""
+    is_tensor = torch.is_tensor(value)
+    if not is_initialized() or dist.get_world_size() == 1:
+        return value if is_tensor else float(value)
+    t = value.detach().clone() if is_tensor else torch.tensor(float(value), dtype=torch.float64)
+    orig_device = t.device
+    t = t.to(_reduce_device())
+    dist.all_reduce(t, op=op)
+    if is_tensor:
+        return t.to(orig_device)
+    return float(t.item())
+
+
+def all_reduce_sum(value):
+    return _all_reduce(value, dist.ReduceOp.SUM if dist.is_available() else None)
+
+
+def all_reduce_max(value):
+    return _all_reduce(value, dist.ReduceOp.MAX if dist.is_available() else None)
+
+
+def all_reduce_min(value):
+    return _all_reduce(value, dist.ReduceOp.MIN if dist.is_available() else None)
+
+
+def all_reduce_mean(value):
+    total = all_reduce_sum(value)
+    return total / get_world_size()
+
+
+def all_reduce_any(flag: bool) -> bool:
+    """True on every rank when it is true on any rank (preemption agreement)."""
+    return all_reduce_max(1.0 if flag else 0.0) > 0.5
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def destroy() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
