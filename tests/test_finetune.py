@@ -1,0 +1,298 @@
+"""Fine-tuning: init resolution, head seeding by wnid, bad input, and accelerate runs on CPU (1 and 2 processes,
+resume, a datasets dataset without shards, init from a DeepSpeed checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import finetune_lib as fl
+from pipeline.config import ModelConfig
+from pipeline.export import load_export, model_from_export, save_export
+from pipeline.models import create_model, to_timm_state_dict
+
+PY = sys.executable
+MODEL = "efficientnetv2_test"
+SIZE = 48  # image side of the tiny runs
+
+
+def _wnid(i: int) -> str:
+    return f"n{1000 + i:08d}"
+
+
+def _export(path: Path, num_classes: int, classes=None, seed: int = 0, name: str = MODEL) -> Path:
+    torch.manual_seed(seed)
+    model = create_model(name, num_classes=num_classes)
+    classes = classes if classes is not None else [
+        {"index": i, "wnid": _wnid(i), "name": f"class {i}"} for i in range(num_classes)]
+    meta = {"architecture": {"name": name, "num_classes": num_classes,
+                             "options": {"bn_eps": 1e-3, "bn_momentum": 0.1, "padding": "symmetric"}},
+            "classes": classes, "image_size": {"train": SIZE, "eval": SIZE}, "mean": [0.5] * 3, "std": [0.5] * 3,
+            "source": {"run_dir": "test", "tag": "step-00000000", "step": 0, "weights": "ema"}}
+    return save_export(model.state_dict(), meta, path)
+
+
+@pytest.fixture(scope="module")
+def transfer(tmp_path_factory) -> Path:
+    """The demo transfer set, tiny: 4 classes x 32 train / 12 val images of 48 px, 8 train shards."""
+    from shards.cli import main as shards_main
+
+    out = tmp_path_factory.mktemp("data") / "transfer"
+    rc = shards_main(["write", "demo", "transfer", str(out), "--classes", "4", "--per-class", "32",
+                      "--val-per-class", "12", "--image-size", str(SIZE), "--shard-size", "16", "--workers", "1",
+                      "--no-progress"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    return _export(tmp_path_factory.mktemp("init") / "export", num_classes=8)
+
+
+def _overrides(run_dir: Path, data: Path, init: Path, **extra) -> list[str]:
+    base = {"init": str(init), "data.train": f"[{data}]", "train.run_dir": str(run_dir),
+            "progressive.min_image_size": SIZE, "progressive.max_image_size": SIZE, "data.eval_image_size": SIZE,
+            "data.cutout": SIZE // 2, "train.total_steps": 24, "checkpoint.every_steps": 12, "train.log_every": 4}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+# ------------------------------------------------------------------------------------------ head seeding
+
+
+def test_seed_head_rows_copies_matching_wnids():
+    old_classes = [{"index": i, "wnid": _wnid(i), "name": str(i)} for i in range(5)]
+    new_classes = [{"index": 0, "wnid": _wnid(3)}, {"index": 1, "wnid": "n99999999"}, {"index": 2, "wnid": _wnid(0)},
+                   {"index": 3, "wnid": None}]
+    old_w, old_b = torch.randn(5, 6), torch.randn(5)
+    head = torch.nn.Linear(6, 4)
+    before = head.weight.detach().clone(), head.bias.detach().clone()
+    n = fl.seed_head_rows(head, old_w, old_b, old_classes, new_classes)
+    assert n == 2
+    assert torch.equal(head.weight[0], old_w[3]) and torch.equal(head.bias[0], old_b[3])
+    assert torch.equal(head.weight[2], old_w[0]) and torch.equal(head.bias[2], old_b[0])
+    for row in (1, 3):  # no match: the fresh initialisation stays
+        assert torch.equal(head.weight[row], before[0][row]) and torch.equal(head.bias[row], before[1][row])
+
+
+def test_build_model_21k_to_1k_seeds_rows_and_loads_backbone(tmp_path, capsys):
+    # "21k": 8 classes; "1k": 4 classes, three of them among the 8 (in another order), one new
+    src = _export(tmp_path / "export", num_classes=8)
+    init = fl.load_init(fl.classify_init(str(src)))
+    target = [{"index": 0, "wnid": _wnid(5), "name": "a"}, {"index": 1, "wnid": _wnid(1), "name": "b"},
+              {"index": 2, "wnid": "n77777777", "name": "new"}, {"index": 3, "wnid": _wnid(7), "name": "d"}]
+    model = fl.build_model(init, ModelConfig(name=MODEL), target, head_seed=True)
+    assert "seeded 3 of 4 classifier rows from the pretrained head (matched by wnid)" in capsys.readouterr().out
+    sd, ref = model.state_dict(), init.state_dict
+    for k, v in ref.items():
+        if not k.startswith("classifier."):
+            assert torch.equal(sd[k], v), k
+    for new_row, old_row in ((0, 5), (1, 1), (3, 7)):
+        assert torch.equal(sd["classifier.weight"][new_row], ref["classifier.weight"][old_row])
+        assert torch.equal(sd["classifier.bias"][new_row], ref["classifier.bias"][old_row])
+    assert not torch.equal(sd["classifier.weight"][2], ref["classifier.weight"][2])
+
+    fresh = fl.build_model(init, ModelConfig(name=MODEL), target, head_seed=False)
+    assert "new classifier for 4 classes" in capsys.readouterr().out
+    assert not torch.equal(fresh.state_dict()["classifier.weight"][0], ref["classifier.weight"][5])
+
+
+def test_classify_init_kinds(tmp_path, pretrained):
+    assert fl.classify_init(str(pretrained)).kind == "export"
+    step = tmp_path / "run" / "checkpoints" / "step-00000040"
+    step.mkdir(parents=True)
+    src = fl.classify_init(str(tmp_path / "run"))
+    assert (src.kind, src.run_dir, src.step) == ("deepspeed", tmp_path / "run", None)
+    src = fl.classify_init(str(step))
+    assert (src.kind, src.run_dir, src.step) == ("deepspeed", tmp_path / "run", 40)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    assert fl.classify_init(str(tmp_path / "w.safetensors")).kind == "timm"
+    for bad, why in ((tmp_path / "nope", "does not exist"), (tmp_path / "run" / "checkpoints", "neither an export"),
+                     (tmp_path / "notes.txt", "not a checkpoint")):
+        if bad.suffix == ".txt":
+            bad.write_text("x")
+        with pytest.raises(fl.FinetuneError, match=why):
+            fl.classify_init(str(bad))
+    with pytest.raises(fl.FinetuneError, match="init: not set"):
+        fl.classify_init(None)
+
+
+def test_timm_file_init_prefers_ema_weights(tmp_path, capsys):
+    torch.manual_seed(1)
+    raw, ema = create_model(MODEL, num_classes=8), create_model(MODEL, num_classes=8)
+    path = tmp_path / "timm_ckpt.pth"
+    torch.save({"epoch": 3, "state_dict": to_timm_state_dict(raw), "state_dict_ema": to_timm_state_dict(ema)}, path)
+    init = fl.load_init(fl.classify_init(str(path)), weights="auto")
+    assert init.weights == "ema"
+    model = fl.build_model(init, ModelConfig(name=MODEL), [{"index": i} for i in range(3)], head_seed=True)
+    assert torch.equal(model.state_dict()["stem.conv.weight"], ema.state_dict()["stem.conv.weight"])
+    assert model.classifier.out_features == 3
+    assert fl.load_init(fl.classify_init(str(path)), weights="raw").weights == "raw"
+    with pytest.raises(fl.FinetuneError, match="does not fit efficientnetv2_b0"):
+        fl.build_model(init, ModelConfig(name="efficientnetv2_b0"), [{"index": 0}], head_seed=True)
+
+
+def test_topk_and_result_table():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.15], [0.2, 0.3, 0.5]])
+    assert fl.topk_correct(logits, torch.tensor([1, 2, 0]), (1, 2)) == [1, 2]
+    assert fl.topk_correct(logits, torch.tensor([1, 2, 0]), (1, 5)) == [1, 3]  # k capped at the class count
+    table = fl.result_table({"raw": {"top1": 50.0, "top5": 100.0, "images": 8}})
+    assert "raw" in table and "50.00" in table and "100.00" in table
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _main_error(capsys, overrides) -> str:
+    from pipeline.finetune import main
+
+    rc = main(["--config", "configs/finetune/demo.yaml", *overrides])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_bad_input_one_clear_message_each(tmp_path, capsys, transfer, pretrained, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    run = tmp_path / "run"
+    msg = _main_error(capsys, _overrides(run, transfer, tmp_path / "missing_export"))
+    assert "init=" in msg and "does not exist" in msg
+
+    other = _export(tmp_path / "b0_export", num_classes=8, name="efficientnetv2_b0")
+    msg = _main_error(capsys, _overrides(run, transfer, other))
+    assert "holds efficientnetv2_b0 weights but model.name is efficientnetv2_test" in msg
+
+    msg = _main_error(capsys, _overrides(run, transfer, pretrained, **{"model.num_classes": 7}))
+    assert "model.num_classes=7" in msg and "has 4 classes" in msg and "model.num_classes=0" in msg
+
+    ds = _hf_dataset(tmp_path / "hf", n_per_class=2)
+    capsys.readouterr()
+    msg = _main_error(capsys, _overrides(run, transfer, pretrained, **{
+        "data.train": "[]", "data.hf_dataset": str(ds), "data.hf_image_column": "picture"}))
+    assert "no column 'picture'" in msg and "data.hf_image_column" in msg
+    assert not run.exists()  # nothing started
+
+
+def test_cli_exit_code(tmp_path, subprocess_env, repo_root, transfer):
+    res = subprocess.run([PY, "-m", "pipeline.finetune", "--config", "configs/finetune/demo.yaml",
+                          *_overrides(tmp_path / "run", transfer, tmp_path / "nope")],
+                         cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr and "error: init=" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def _hf_dataset(path: Path, n_per_class: int = 24, split_test: int = 8) -> Path:
+    """A datasets DatasetDict on disk (train / test, Image + ClassLabel columns) from the demo renderer."""
+    import io
+
+    import datasets
+    from shards.demo import class_names, render_image
+
+    datasets.disable_progress_bars()
+    names = class_names("transfer", 4)
+
+    def split(name: str, n: int) -> datasets.Dataset:
+        rows = {"image": [], "label": []}
+        for c in range(4):
+            for i in range(n):
+                buf = io.BytesIO()
+                render_image("transfer", c, i, SIZE, 0, "train" if name == "train" else "val").save(buf, "JPEG")
+                rows["image"].append({"bytes": buf.getvalue(), "path": None})
+                rows["label"].append(c)
+        feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+        return datasets.Dataset.from_dict(rows, features=feats)
+
+    dd = datasets.DatasetDict({"train": split("train", n_per_class), "test": split("test", split_test)})
+    dd.save_to_disk(str(path))
+    return path
+
+
+def _launch(repo_root, env, overrides, processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    if processes == 1:
+        cmd = [PY, "-m", "pipeline.finetune"]
+    else:  # --multi_gpu on a machine without GPUs: that many CPU processes on gloo
+        cmd = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "0", "-m", "pipeline.finetune"]
+    res = subprocess.run(cmd + ["--config", "configs/finetune/demo.yaml", *overrides], cwd=repo_root, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_finetune_one_process_learns_and_exports(tmp_path, repo_root, subprocess_env, transfer, pretrained):
+    run = tmp_path / "run"
+    res = _launch(repo_root, subprocess_env, _overrides(run, transfer, pretrained))
+    m = _metrics(run)
+    assert m["step"] == 24 and m["num_classes"] == 4
+    for w in ("raw", "ema"):
+        assert m["results"][w]["images"] == 48
+    assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 40.0, m  # chance: 25 %
+    assert "top-1" in res.stdout  # the printed table
+    model, meta = model_from_export(run / "export")
+    assert meta["architecture"]["num_classes"] == 4 and meta["source"]["weights"] == "ema"
+    assert [c["name"] for c in meta["classes"]][:1] == ["heart-solid"]
+    assert list((run / "tb").rglob("events.out.tfevents.*")), "no TensorBoard events"
+
+
+@pytest.mark.slow
+def test_finetune_two_processes(tmp_path, repo_root, subprocess_env, transfer, pretrained):
+    run = tmp_path / "run"
+    _launch(repo_root, subprocess_env, _overrides(run, transfer, pretrained), processes=2)
+    m = _metrics(run)
+    assert m["step"] == 24
+    assert m["results"]["raw"]["images"] == 48  # every test image once across the two processes
+    assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 40.0, m
+    ranks = sorted(p.name for p in (run / "checkpoints").glob("step-*/rank-*.pt"))
+    assert ranks == ["rank-00000.pt", "rank-00001.pt"] * 2
+
+
+@pytest.mark.slow
+def test_resume_continues_from_saved_step(tmp_path, repo_root, subprocess_env, transfer, pretrained):
+    """A run interrupted after its step-12 checkpoint (the step-24 one only half written) resumes at step 12
+    and ends with exactly the weights of the uninterrupted run."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _launch(repo_root, subprocess_env, _overrides(full, transfer, pretrained))
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-00000012", cut / "checkpoints" / "step-00000012")
+    partial = cut / "checkpoints" / "step-00000024"
+    shutil.copytree(full / "checkpoints" / "step-00000024", partial)
+    (partial / "COMPLETE.json").unlink()  # killed while saving: must not be resumed from
+    res = _launch(repo_root, subprocess_env, _overrides(cut, transfer, pretrained))
+    assert "(step 12)" in res.stdout + res.stderr
+    a, _ = load_export(full / "export")
+    b, _ = load_export(cut / "export")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _metrics(cut)["results"] == _metrics(full)["results"]
+
+
+@pytest.mark.slow
+def test_datasets_dataset_trains_without_shards(tmp_path, repo_root, subprocess_env, pretrained):
+    ds = _hf_dataset(tmp_path / "hf")
+    run = tmp_path / "run"
+    _launch(repo_root, subprocess_env, _overrides(run, Path("unused"), pretrained, **{
+        "data.train": "[]", "data.hf_dataset": str(ds), "data.hf_val_split": "test"}))
+    m = _metrics(run)
+    assert m["split"] == "test" and m["results"]["raw"]["images"] == 32
+    assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 40.0, m
+    assert not list(tmp_path.rglob("*.tar"))
