@@ -1,0 +1,248 @@
+"""Pretraining end to end on CPU: DeepSpeed ZeRO 0-3 at 1 and 2 ranks, exact resume after kill -9, preemption,
+resume on another rank count, TensorBoard stage values, EMA under ZeRO-2 vs ZeRO-3, export round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpoint import latest, read_marker
+from pipeline.config import ConfigError, load_config
+from pipeline.export import model_from_export
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = str(REPO / "configs/pretrain/tiny_cpu.yaml")
+WORKER = str(REPO / "tests/pretrain_worker.py")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain_shards") / "demo"
+    subprocess.run([sys.executable, "-m", "shards", "write", "demo", "pretrain", str(out), "--classes", "10",
+                    "--per-class", "24", "--val-per-class", "4", "--image-size", "64", "--shard-size", "12",
+                    "--no-progress", "--workers", "1"], check=True, cwd=REPO, capture_output=True)
+    return out
+
+
+def _env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _launch_cmd(nproc: int, spec: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(29500 + (os.getpid() % 1000) + nproc), WORKER, str(spec)]
+
+
+def _run(tmp: Path, nproc: int, runs: list[dict], timeout: int = 600) -> subprocess.CompletedProcess:
+    spec = tmp / f"spec-{time.monotonic_ns()}.json"
+    spec.write_text(json.dumps({"config": CONFIG, "runs": runs}))
+    proc = subprocess.run(_launch_cmd(nproc, spec), env=_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def _overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.train=[{shards}]", f"train.run_dir={run_dir}", *extra]
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def _losses_by_step(run_dir: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for rec in _log(run_dir):
+        out[rec["step"]] = rec["loss"]  # a resumed run rewrites the steps after its checkpoint
+    return out
+
+
+def _final_state(run_dir: Path) -> dict:
+    from pipeline.engine import consolidate_fp32_state_dict
+
+    step = latest(run_dir)
+    return consolidate_fp32_state_dict(run_dir / "checkpoints", f"step-{step:08d}")
+
+
+LEARN = ("train.total_steps=24", "progressive.max_mixup=0", "progressive.min_randaug=0",
+         "progressive.max_randaug=2", "optim.lr_per_256=0.02", "checkpoint.every_steps=0")
+
+
+def _loss_falls(run_dir: Path) -> None:
+    losses = [r["loss"] for r in _log(run_dir)]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.1, f"loss did not fall in {run_dir}: {losses}"
+
+
+def test_zero_stages_two_ranks_loss_falls_ema_export_tensorboard(shards, tmp_path):
+    runs = [{"overrides": _overrides(shards, tmp_path / f"z{z}", f"train.zero_stage={z}", *LEARN),
+             "probe": str(tmp_path / f"probe{z}.pt")} for z in (0, 1, 2, 3)]
+    _run(tmp_path, 2, runs)
+    for z in (0, 1, 2, 3):
+        run = tmp_path / f"z{z}"
+        _loss_falls(run)
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["step"] == 24 and summary["world_size"] == 2 and summary["zero_stage"] == z
+        assert summary["eval"]["raw"]["samples"] == 40  # every validation image once across the 2 ranks
+
+    # EMA under ZeRO-2 and ZeRO-3 on the same data: the same EMA weights (up to reduction order)
+    from pipeline.trainer import export_checkpoint
+
+    for z in (2, 3):
+        export_checkpoint(tmp_path / f"z{z}", ema=True, out_dir=tmp_path / f"ema{z}")
+    m2, _ = model_from_export(tmp_path / "ema2")
+    m3, _ = model_from_export(tmp_path / "ema3")
+    s2, s3 = m2.state_dict(), m3.state_dict()
+    assert s2.keys() == s3.keys()
+    for k in s2:
+        if s2[k].is_floating_point():
+            torch.testing.assert_close(s2[k], s3[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    # export round trip: the exported raw / EMA weights give the trained model's outputs
+    export_checkpoint(tmp_path / "z2", ema=False, out_dir=tmp_path / "raw2")
+    probe = torch.load(tmp_path / "probe2.pt")
+    for kind, folder in (("raw", "raw2"), ("ema", "ema2")):
+        model, meta = model_from_export(tmp_path / folder)
+        model.eval()
+        with torch.no_grad():
+            out = model(probe["input"])
+        torch.testing.assert_close(out, probe[kind], rtol=1e-4, atol=1e-4, msg=kind)
+        assert meta["architecture"]["num_classes"] == 10 and len(meta["classes"]) == 10
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in model.state_dict())
+
+    # the stage changes are in the TensorBoard event files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "z2" / "tb"))
+    acc.Reload()
+    sizes = sorted({int(e.value) for e in acc.Scalars("stage/image_size")})
+    assert sizes == [32, 48, 64]
+    randaug = [e.value for e in acc.Scalars("stage/randaug")]
+    assert randaug[0] < randaug[-1]
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/images_per_s", "data/samples_seen",
+                "data/bad_samples", "data/loader_wait_s", "stage/dropout", "stage/mixup", "eval/ema_top1"):
+        assert tag in acc.Tags()["scalars"], tag
+    assert len(acc.Tags()["images"]) == 3  # one grid of augmented images per stage
+
+
+def test_zero_stages_one_rank(shards, tmp_path):
+    runs = [{"overrides": _overrides(shards, tmp_path / f"z{z}", f"train.zero_stage={z}", *LEARN)}
+            for z in (0, 1, 2, 3)]
+    _run(tmp_path, 1, runs)
+    for z in (0, 1, 2, 3):
+        _loss_falls(tmp_path / f"z{z}")
+
+
+def _wait_for(pred, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}:\n{out[-4000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _start(tmp: Path, nproc: int, overrides: list[str]) -> subprocess.Popen:
+    spec = tmp / f"spec-{time.monotonic_ns()}.json"
+    spec.write_text(json.dumps({"config": CONFIG, "runs": [{"overrides": overrides}]}))
+    return subprocess.Popen(_launch_cmd(nproc, spec), env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+EXACT = ("train.total_steps=8", "checkpoint.every_steps=4", "train.zero_stage=2", "train.precision=fp32")
+
+
+def test_exact_resume_after_kill_and_resume_on_other_rank_count(shards, tmp_path):
+    straight = tmp_path / "straight"
+    _run(tmp_path, 2, [{"overrides": _overrides(shards, straight, *EXACT)}])
+
+    broken = tmp_path / "broken"
+    proc = _start(tmp_path, 2, _overrides(shards, broken, *EXACT))
+    ckpt4 = broken / "checkpoints" / "step-00000004"
+    try:
+        _wait_for(lambda: read_marker(ckpt4) is not None, proc, 300, "the step-4 checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the launcher and every rank
+        proc.wait()
+    assert latest(broken) is not None and latest(broken) < 8
+
+    other = tmp_path / "other_world"
+    shutil.copytree(broken, other)
+
+    _run(tmp_path, 2, [{"overrides": _overrides(shards, broken, *EXACT)}])
+    a, b = _losses_by_step(straight), _losses_by_step(broken)
+    assert sorted(a) == list(range(1, 9)) and sorted(b) == list(range(1, 9))
+    assert a == b, f"per-step losses differ after the resume:\n{a}\n{b}"
+    sa, sb = _final_state(straight), _final_state(broken)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"final weights differ after an exact resume: {k}"
+
+    # the same interrupted run continued on 1 rank: universal checkpoint conversion, then to the end
+    resumed_from = latest(other)
+    _run(tmp_path, 1, [{"overrides": _overrides(shards, other, *EXACT)}])
+    summary = json.loads((other / "summary.json").read_text())
+    assert summary["step"] == 8 and summary["world_size"] == 1
+    assert (other / "checkpoints" / f"step-{resumed_from:08d}_universal").is_dir()
+
+
+def test_preemption_signal_saves_exits_zero_and_resume_completes(shards, tmp_path):
+    run = tmp_path / "preempt"
+    over = _overrides(shards, run, "train.total_steps=60", "checkpoint.every_steps=0")
+    proc = _start(tmp_path, 2, over)
+    log = run / "train_log.jsonl"
+    _wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, proc, 300, "3 logged steps")
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2, ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    step = latest(run)
+    assert step is not None and 3 <= step < 60
+    assert (run / "summary_preempted.json").is_file()
+
+    _run(tmp_path, 2, [{"overrides": over}])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 60
+    steps = [r["step"] for r in _log(run)]
+    assert steps[-1] == 60 and max(steps.count(s) for s in set(steps)) <= 2
+
+
+def test_changed_frozen_setting_is_refused(shards, tmp_path):
+    run = tmp_path / "frozen"
+    over = _overrides(shards, run, "train.total_steps=4", "checkpoint.every_steps=2")
+    _run(tmp_path, 1, [{"overrides": over}])
+    proc = subprocess.run([sys.executable, "-m", "pipeline.pretrain", "--config", CONFIG,
+                           *_overrides(shards, run, "train.total_steps=6", "checkpoint.every_steps=2")],
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "train.total_steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tiny_config_loads():
+    cfg = load_config(CONFIG, ["data.train=[x]"])
+    assert cfg.model.name == "efficientnetv2_test" and cfg.progressive.num_stages == 3
+    with pytest.raises(ConfigError, match="train.zero_stag"):
+        load_config(CONFIG, ["train.zero_stag=2"])
