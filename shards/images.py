@@ -1,0 +1,98 @@
+"""Decode, check and reduce one image: everything leaves here as RGB JPEG bytes, or as a BadImage."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from .format import fit_size
+
+# Very large photos are legitimate in ImageNet-21k; the draft decode below keeps them cheap. The hard limit
+# still guards against decompression bombs.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+class BadImage(Exception):
+    """An image that cannot be used (zero bytes, undecodable, truncated); the message is the reason."""
+
+
+@dataclass
+class Reduced:
+    jpg: bytes
+    size: tuple[int, int]
+    """Original (width, height)."""
+    small: Optional[bytes]
+    """The second, smaller JPEG; None when not asked for or when the image is already that small."""
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB view of any PIL mode: transparency over white, 16-bit scaled to 8-bit, CMYK / L / P converted."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode.startswith("I"):
+        # 16-bit (and 32-bit integer) grayscale: convert("RGB") would clip everything above 255 to white.
+        arr = np.asarray(img).astype(np.int64)
+        arr = np.clip(arr, 0, 65535) >> 8 if arr.max(initial=0) > 255 else np.clip(arr, 0, 255)
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img)
+        hi = float(arr.max(initial=0.0))
+        arr = arr * (255.0 / hi) if hi > 1.0 else arr * 255.0
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def reduce_image(data: bytes, max_side: int = 512, quality: int = 90, small_side: int = 0) -> Reduced:
+    """Check one encoded image and return it as RGB JPEG with the longer side at most max_side.
+
+    An RGB JPEG that already fits keeps its original bytes; anything else (too large, PNG / WebP, CMYK,
+    grayscale, palette) is decoded, converted, downscaled (aspect kept) and re-encoded at `quality`.
+    Every image is fully decoded once, so truncated files are caught here rather than in training.
+    """
+    if not data:
+        raise BadImage("zero-byte file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        width, height = img.size
+        target = fit_size(width, height, max_side)
+        needs_resize = target != (width, height)
+        if needs_resize and fmt == "JPEG" and img.mode in ("RGB", "L"):
+            # Let libjpeg scale by 1/2, 1/4 or 1/8 in the DCT while decoding, never below the target size:
+            # a 4000x3000 photo then costs about as much as a 1000x750 one.
+            img.draft(img.mode, target)
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        raise BadImage(f"undecodable ({type(e).__name__}: {e})") from None
+    if width < 1 or height < 1:
+        raise BadImage(f"empty image ({width}x{height})")
+
+    keep_bytes = fmt == "JPEG" and img.mode == "RGB" and not needs_resize
+    try:
+        rgb = to_rgb(img)
+        if needs_resize:
+            rgb = rgb.resize(target, Image.Resampling.BICUBIC)
+        jpg = data if keep_bytes else encode_jpeg(rgb, quality)
+        small = None
+        if small_side > 0 and max(rgb.size) > small_side:
+            small = encode_jpeg(rgb.resize(fit_size(*rgb.size, small_side), Image.Resampling.BICUBIC), quality)
+    except (OSError, ValueError) as e:
+        raise BadImage(f"cannot convert ({type(e).__name__}: {e})") from None
+    return Reduced(jpg=jpg, size=(width, height), small=small)

@@ -1,0 +1,314 @@
+"""Check a shard folder against its info.json (`verify`) and summarise it (`stats`)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+from PIL import Image
+
+from .format import BAD_NAME, KEY_RE, REQUIRED_EXTS, SAMPLE_EXTS, SHARD_RE, read_info
+
+MAX_ERRORS_PER_SHARD = 20
+
+
+def _samples(path: Path, read: Callable[[str], bool]) -> Iterator[tuple[str, dict]]:
+    """(key, {ext: bytes or member size}) per sample of a shard, members grouped by key in tar order.
+
+    Members whose extension `read` rejects are not read (the tar reader seeks over them); their size stands in.
+    Raises tarfile.TarError / OSError / EOFError when the tar is truncated or corrupt.
+    """
+    with tarfile.open(path, "r:") as tf:
+        key, members = None, {}
+        for m in tf:
+            k, _, ext = m.name.partition(".")
+            if k != key:
+                if key is not None:
+                    yield key, members
+                key, members = k, {}
+            if not m.isfile():
+                members[ext] = None
+            elif read(ext):
+                f = tf.extractfile(m)
+                data = f.read()
+                if len(data) != m.size:
+                    raise tarfile.ReadError(f"member {m.name} cut short")
+                members[ext] = data
+            else:
+                members[ext] = m.size
+        if key is not None:
+            yield key, members
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def _decode(data: bytes, what: str, max_side: int) -> Optional[str]:
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        img.load()
+    except Exception as e:  # any decoder failure is a finding, not a crash
+        return f"{what} does not decode ({type(e).__name__}: {e})"
+    if fmt != "JPEG" or img.mode != "RGB":
+        return f"{what} is {fmt} {img.mode}, expected an RGB JPEG"
+    if max_side and max(img.size) > max_side:
+        return f"{what} is {img.size[0]}x{img.size[1]}, larger than max side {max_side}"
+    return None
+
+
+def check_shard(path: str, num_classes: int, max_side: int, small_side: int, decode: bool = True) -> dict:
+    """Read every sample of one shard and check it; returns counts, key hashes and the errors found."""
+    path = Path(path)
+    name = path.name
+    errors: list[str] = []
+    keys: list[int] = []
+    seen: set[str] = set()
+    class_counts: dict[int, int] = {}
+    samples = 0
+
+    def error(msg: str) -> None:
+        errors.append(f"{name}: {msg}")
+
+    try:
+        for key, members in _samples(path, lambda ext: decode or ext in ("cls", "json")):
+            samples += 1
+            where = f"sample {key!r}"
+            if not KEY_RE.match(key):
+                error(f"{where}: key is not made of [A-Za-z0-9_-] (webdataset keys cannot hold dots)")
+            if key in seen:
+                error(f"{where}: key appears twice (its members are not consecutive)")
+            seen.add(key)
+            keys.append(_key_hash(key))
+            unknown = sorted(set(members) - set(SAMPLE_EXTS))
+            missing = [e for e in REQUIRED_EXTS if e not in members]
+            if unknown or missing:
+                error(f"{where}: " + "; ".join(
+                    ([f"unexpected members {unknown}"] if unknown else []) +
+                    ([f"missing members {missing}"] if missing else [])))
+                continue
+            try:
+                label = int(members["cls"].decode("ascii"))
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                error(f"{where}: cls {members['cls']!r} is not a decimal class index")
+                continue
+            if not 0 <= label < num_classes:
+                error(f"{where}: label {label} outside 0..{num_classes - 1}")
+            class_counts[label] = class_counts.get(label, 0) + 1
+            try:
+                meta = json.loads(members["json"])
+                if not isinstance(meta, dict) or "id" not in meta or "size" not in meta:
+                    raise ValueError("needs 'id' and 'size'")
+                for extra in meta.get("labels", []):
+                    if not (isinstance(extra, int) and 0 <= extra < num_classes):
+                        raise ValueError(f"label {extra!r} in 'labels' outside 0..{num_classes - 1}")
+            except (ValueError, TypeError) as e:
+                error(f"{where}: bad json ({e})")
+            if decode:
+                for ext, limit in (("jpg", max_side), ("jpg_small", small_side)):
+                    if ext in members:
+                        problem = _decode(members[ext], ext, limit)
+                        if problem:
+                            error(f"{where}: {problem}")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        error(f"unreadable after {samples} samples ({e}): the shard is truncated or corrupt; rewrite it")
+    more = len(errors) - MAX_ERRORS_PER_SHARD
+    if more > 0:
+        errors = errors[:MAX_ERRORS_PER_SHARD] + [f"{name}: ... and {more} more errors"]
+    return {"name": name, "samples": samples, "errors": errors, "class_counts": class_counts,
+            "keys": np.array(keys, dtype=np.uint64)}
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _map_shards(fn: Callable, paths: list[str], workers: int, progress: bool, desc: str) -> list:
+    from tqdm import tqdm
+
+    with tqdm(total=len(paths), unit="shard", desc=desc, disable=not progress, file=sys.stderr) as bar:
+        if workers <= 1 or len(paths) <= 1:
+            out = []
+            for p in paths:
+                out.append(fn(p))
+                bar.update(1)
+            return out
+        with mp.Pool(min(workers, len(paths))) as pool:
+            out = []
+            for r in pool.imap(fn, paths):
+                out.append(r)
+                bar.update(1)
+            return out
+
+
+def verify(out: str | Path, workers: int = 1, decode: bool = True, progress: bool = False) -> Report:
+    """Open every shard, decode every image, check keys, labels and every count against info.json."""
+    out = Path(out)
+    info = read_info(out)
+    report = Report()
+    num_classes = info["num_classes"]
+    if len(info["classes"]) != num_classes:
+        report.errors.append(f"info.json: {len(info['classes'])} classes listed, num_classes says {num_classes}")
+    max_side = int(info.get("options", {}).get("max_side") or 0)
+    small_side = int((info.get("small_copy") or {}).get("max_side") or 0)
+
+    listed, todo = set(), []
+    for split, s in info["splits"].items():
+        for entry in s["shards"]:
+            listed.add(entry["name"])
+            path = out / entry["name"]
+            if not path.is_file():
+                report.errors.append(f"{entry['name']}: listed in info.json ({split}) but missing")
+                continue
+            size = path.stat().st_size
+            if "bytes" in entry and size != entry["bytes"]:
+                report.errors.append(f"{entry['name']}: {size} bytes on disk, info.json says {entry['bytes']} "
+                                     "(truncated or replaced)")
+            todo.append((split, entry, path))
+        if sum(e["samples"] for e in s["shards"]) != s["samples"]:
+            report.errors.append(f"info.json: split {split} says {s['samples']} samples, its shards sum to "
+                                 f"{sum(e['samples'] for e in s['shards'])}")
+    stray = sorted(p.name for p in out.iterdir() if SHARD_RE.match(p.name) and p.name not in listed)
+    if stray:
+        report.warnings.append(f"{len(stray)} shard files not listed in info.json (ignored by loaders): "
+                               f"{', '.join(stray[:5])}")
+
+    fn = partial(check_shard, num_classes=num_classes, max_side=max_side, small_side=small_side, decode=decode)
+    results = _map_shards(fn, [str(p) for _, _, p in todo], workers, progress, "verify")
+    all_keys = []
+    for split in info["splits"]:
+        found, counts = 0, np.zeros(num_classes, dtype=np.int64)
+        for (s, entry, _), r in zip(todo, results):
+            if s != split:
+                continue
+            report.errors += r["errors"]
+            if r["samples"] != entry["samples"]:
+                report.errors.append(f"{entry['name']}: {r['samples']} samples, info.json says {entry['samples']}")
+            found += r["samples"]
+            for label, n in r["class_counts"].items():
+                if 0 <= label < num_classes:
+                    counts[label] += n
+            all_keys.append(r["keys"])
+        expected = info["splits"][split].get("class_counts")
+        if expected is not None and list(counts) != list(expected) and found == info["splits"][split]["samples"]:
+            wrong = int(np.flatnonzero(counts != np.asarray(expected))[0])
+            report.errors.append(f"split {split}: class {wrong} has {counts[wrong]} samples, info.json says "
+                                 f"{expected[wrong]}")
+        nshards = len(info["splits"][split]["shards"])
+        report.lines.append(f"{split}: {found} samples in {nshards} shards "
+                            f"(info.json: {info['splits'][split]['samples']})")
+    if all_keys:
+        keys = np.concatenate(all_keys)
+        if len(np.unique(keys)) != len(keys):
+            report.errors.append(f"{len(keys) - len(np.unique(keys))} duplicate sample keys across the dataset")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- stats
+
+
+def scan_shard(path: str) -> dict:
+    """Labels, original sizes and member bytes of a shard, without decoding images."""
+    labels, sizes, jpg, small = [], [], [], []
+    error = None
+    try:
+        for _, members in _samples(Path(path), lambda ext: ext in ("cls", "json")):
+            try:
+                labels.append(int(members["cls"]))
+                sizes.append(json.loads(members["json"])["size"])
+            except (KeyError, ValueError, TypeError):
+                continue
+            jpg.append(members.get("jpg") or 0)
+            small.append(members.get("jpg_small") or 0)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        error = f"{Path(path).name}: unreadable ({e}); run `python -m shards verify`"
+    return {"labels": labels, "sizes": sizes, "jpg": jpg, "small": small, "error": error}
+
+
+def stats(out: str | Path, workers: int = 1, top: int = 5, progress: bool = False) -> dict:
+    """Class histogram and image / byte sizes per split, from the shards themselves."""
+    out = Path(out)
+    info = read_info(out)
+    names = [c.get("wnid") or c["name"] for c in info["classes"]]
+    result = {"name": info.get("name"), "path": str(out), "num_classes": info["num_classes"],
+              "multi_label": info.get("multi_label", False), "small_copy": info.get("small_copy"),
+              "bad_samples": (out / BAD_NAME).is_file() and sum(
+                  1 for line in (out / BAD_NAME).read_text().splitlines() if line and not line.startswith("#")),
+              "splits": {}, "errors": []}
+    for split, s in info["splits"].items():
+        paths = [str(out / e["name"]) for e in s["shards"]]
+        scans = _map_shards(scan_shard, paths, workers, progress, f"stats {split}")
+        result["errors"] += [r["error"] for r in scans if r["error"]]
+        labels = np.array([x for r in scans for x in r["labels"]], dtype=np.int64)
+        counts = np.bincount(labels, minlength=info["num_classes"]) if len(labels) else np.zeros(1, np.int64)
+        sizes = np.array([x for r in scans for x in r["sizes"]], dtype=np.int64).reshape(-1, 2)
+        jpg = np.array([x for r in scans for x in r["jpg"]], dtype=np.int64)
+        small = np.array([x for r in scans for x in r["small"]], dtype=np.int64)
+        order = np.argsort(counts, kind="stable")
+        longer = sizes.max(axis=1) if len(sizes) else np.zeros(1, np.int64)
+        result["splits"][split] = {
+            "samples": int(len(labels)), "shards": len(paths), "bytes": int(s.get("bytes", 0)),
+            "classes_present": int((counts > 0).sum()),
+            "per_class": {"min": int(counts.min()), "median": float(np.median(counts)),
+                          "mean": round(float(counts.mean()), 2), "max": int(counts.max())},
+            "smallest_classes": [[names[i], int(counts[i])] for i in order[:top]],
+            "largest_classes": [[names[i], int(counts[i])] for i in order[::-1][:top]],
+            "class_counts": counts.tolist(),
+            "original_longer_side": {q: int(np.percentile(longer, p)) for q, p in
+                                     (("p5", 5), ("p50", 50), ("p95", 95))},
+            "original_median_size": [int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))] if len(sizes)
+            else [0, 0],
+            "jpg_bytes_mean": int(jpg.mean()) if len(jpg) else 0,
+            "jpg_small_bytes_mean": int(small[small > 0].mean()) if (small > 0).any() else 0,
+            "jpg_small_samples": int((small > 0).sum()),
+        }
+    return result
+
+
+def format_stats(st: dict) -> str:
+    """Human-readable text of a stats() result."""
+    mib = 2 ** 20
+    lines = [f"{st['name']} ({st['path']}): {st['num_classes']} classes"
+             f"{', multi-label' if st['multi_label'] else ''}"]
+    for split, s in st["splits"].items():
+        pc = s["per_class"]
+        lines += [
+            f"{split}: {s['samples']} samples in {s['shards']} shards, {s['bytes'] / mib:.1f} MiB "
+            f"({s['bytes'] / max(1, s['samples']) / 1024:.1f} KiB/sample); {s['classes_present']} classes present",
+            f"  images per class: min {pc['min']}, median {pc['median']:g}, mean {pc['mean']:g}, max {pc['max']}",
+            "  smallest classes: " + ", ".join(f"{n} {c}" for n, c in s["smallest_classes"]),
+            "  largest classes:  " + ", ".join(f"{n} {c}" for n, c in s["largest_classes"]),
+            f"  original size: median {s['original_median_size'][0]}x{s['original_median_size'][1]}, longer side "
+            f"p5 {s['original_longer_side']['p5']} / p50 {s['original_longer_side']['p50']} / p95 "
+            f"{s['original_longer_side']['p95']}",
+            f"  jpg: {s['jpg_bytes_mean'] / 1024:.1f} KiB mean",
+        ]
+        if s["jpg_small_samples"]:
+            lines.append(f"  jpg_small: {s['jpg_small_samples']} samples, {s['jpg_small_bytes_mean'] / 1024:.1f} KiB "
+                         "mean")
+    if st["small_copy"]:
+        total = sum(s["bytes"] for s in st["splits"].values())
+        extra = st["small_copy"]["extra_bytes"]
+        lines.append(f"small copies (max side {st['small_copy']['max_side']}): +{extra / mib:.1f} MiB, "
+                     f"{100 * extra / max(1, total - extra):.1f}% over the shards without them")
+    lines.append(f"bad samples skipped: {int(st['bad_samples'])}" +
+                 (f" (listed in {BAD_NAME})" if st["bad_samples"] else ""))
+    lines += [f"error: {e}" for e in st["errors"]]
+    return "\n".join(lines)
