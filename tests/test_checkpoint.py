@@ -354,6 +354,7 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str, out: str) -
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes importing torch: seconds when idle, more on a loaded machine
 def test_two_ranks_agree_to_stop_when_one_got_the_signal(tmp_path):
     import torch.multiprocessing as mp
 
