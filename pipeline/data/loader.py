@@ -30,6 +30,7 @@ samples.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -54,6 +55,20 @@ _MAX_BAD_EXAMPLES = 5
 
 
 # ------------------------------------------------------------------------------------------- sources
+
+
+class _Same:
+    """A picklable ``lambda: obj`` (reader processes may be spawned, not forked)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __call__(self):
+        return self.obj
+
+
+def _hf_addresses(start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+    return ((0, 0, i, 0) for i in range(start, stop))
 
 
 @dataclass
@@ -109,7 +124,7 @@ def _shard_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int) 
                 "weights": list(cfg.train_weights), "resampled": bool(cfg.resampled),
                 "shuffle_buffer": int(cfg.shuffle_buffer), "seed": int(seed)}
     names = ", ".join(f"{s.root} ({s.samples} samples, {s.num_shards} shards)" for s in splits)
-    return _Source(kind="shards", plan=plan, make_fetch=lambda: DatasetReaders(splits),
+    return _Source(kind="shards", plan=plan, make_fetch=functools.partial(DatasetReaders, splits),
                    num_classes=splits[0].num_classes, label_maps=_label_maps(splits),
                    multi_label=[s.multi_label for s in splits], identity=identity, describe=names,
                    dataset_samples=sum(s.samples for s in splits), classes=splits[0].classes,
@@ -126,7 +141,7 @@ def _hf_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int, spl
                       segment=segment)
 
     identity = {"type": "hf", "datasets": [src.fingerprint()], "seed": int(seed)}
-    return _Source(kind="hf", plan=make_plan(world_size, workers), make_fetch=lambda: src,
+    return _Source(kind="hf", plan=make_plan(world_size, workers), make_fetch=_Same(src),
                    num_classes=src.num_classes, label_maps=[None], multi_label=[src.multi_label],
                    identity=identity, describe=f"{cfg.hf_dataset} [{split}] ({len(src)} samples)",
                    dataset_samples=len(src), classes=src.classes, make_plan=make_plan, dataset_sizes=[len(src)])
@@ -179,7 +194,9 @@ class _TrainReaders(IterableDataset):
     def __init__(self, *, source: _Source, plan: Any, epoch: int, rank: int, workers: int, positions: list[int],
                  start_reader: int, batch_size: int, transform: Callable, num_classes: int, smoothing: float,
                  mixup: float, cutmix: float, seed: int):
-        self.source, self.plan, self.epoch, self.rank = source, plan, epoch, rank
+        self.plan, self.epoch, self.rank = plan, epoch, rank
+        self.make_fetch = source.make_fetch
+        self.multi_label, self.label_maps = list(source.multi_label), list(source.label_maps)
         self.workers = max(1, workers)
         self.positions = list(positions)
         self.start_reader = start_reader
@@ -197,7 +214,7 @@ class _TrainReaders(IterableDataset):
         return self._run(reader)
 
     def _run(self, reader: int) -> Iterator[dict]:
-        fetch = self.source.make_fetch()
+        fetch = self.make_fetch()
         try:
             stream = self.plan.stream(self.epoch, self.rank, reader, fetch=fetch)
             stream.skip(self.positions[reader])
@@ -216,7 +233,7 @@ class _TrainReaders(IterableDataset):
         key = content.get("__key__", "?")
         d = address[0]
         try:
-            labels = _parse_labels(content, self.source.multi_label[d], self.source.label_maps[d], self.num_classes)
+            labels = _parse_labels(content, self.multi_label[d], self.label_maps[d], self.num_classes)
             s = sample_seed(self.sample_base, key)
             random.seed(s)
             torch.default_generator.manual_seed(s)
@@ -311,6 +328,7 @@ class TrainLoader:
         self.stage = stage
         self.micro_batch_size = int(micro_batch_size)
         self._transform = None
+        self._transform_now()  # build it here: a bad setting fails at construction, not at the first batch
         self.epoch = 0
         self.positions = [0] * self.readers_per_rank
         self.next_reader = 0
@@ -737,10 +755,9 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int
         src = HFSource.from_config(cfg, split)
         total = len(src)
 
-        def addresses(start: int, stop: int):
-            return ((0, 0, i, i) for i in range(start, stop))
+        addresses: Callable = _hf_addresses
 
-        make_fetch: Callable = lambda: src  # noqa: E731
+        make_fetch: Callable = _Same(src)
         k, multi, describe = src.num_classes, src.multi_label, f"{cfg.hf_dataset} [{split}]"
     else:
         root = cfg.val or (cfg.train[0] if cfg.train else None)
@@ -750,10 +767,9 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int
         s = load_split(root, split)
         total = s.samples
 
-        def addresses(start: int, stop: int):
-            return eval_addresses(s, start, stop)
+        addresses = functools.partial(eval_addresses, s)
 
-        make_fetch = lambda: DatasetReaders([s])  # noqa: E731
+        make_fetch = functools.partial(DatasetReaders, [s])
         k, multi, describe = s.num_classes, s.multi_label, f"{root} [{split}]"
     if num_classes and num_classes < k:
         raise DataError(f"the model has {num_classes} classes but {describe} has {k}")

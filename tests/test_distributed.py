@@ -1,0 +1,112 @@
+"""Launcher environment parsing (torchrun / deepspeed, SLURM, single process) and the collective helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipeline import distributed as D
+
+
+def test_single_process_defaults():
+    env = D.detect_env({})
+    assert (env.rank, env.world_size, env.local_rank, env.launcher) == (0, 1, 0, "single")
+    assert not env.is_distributed
+
+
+def test_torchrun_variables():
+    env = D.detect_env({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                        "MASTER_ADDR": "node7", "MASTER_PORT": "29411"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 4)
+    assert (env.master_addr, env.master_port, env.launcher, env.node_rank) == ("node7", 29411, "torchrun", 1)
+
+
+def test_torchrun_wins_over_slurm():
+    # `srun torchrun ...`: SLURM describes the node task, torchrun the GPU process
+    env = D.detect_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4",
+                        "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert (env.rank, env.world_size, env.launcher) == (3, 4, "torchrun")
+
+
+def test_slurm_variables_and_rendezvous(monkeypatch):
+    monkeypatch.setattr(D.shutil, "which", lambda name: None)  # no scontrol: our own node-list parser
+    env = D.detect_env({"SLURM_PROCID": "6", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "8",
+                        "SLURM_LOCALID": "2", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+                        "SLURM_JOB_NODELIST": "gpu[007-008,010]", "SLURM_JOB_ID": "123456"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (6, 8, 2, 4)
+    assert env.master_addr == "gpu007" and env.master_port == 15000 + 123456 % 20000
+    assert env.launcher == "slurm" and env.node_rank == 1
+
+
+def test_slurm_uses_scontrol_when_present(monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="hostA\nhostB\n", stderr="")
+
+    monkeypatch.setattr(D.shutil, "which", lambda name: "/usr/bin/scontrol")
+    monkeypatch.setattr(D.subprocess, "run", fake_run)
+    env = D.detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "host[A-B]"})
+    assert env.master_addr == "hostA" and calls == [["scontrol", "show", "hostnames", "host[A-B]"]]
+
+
+def test_expand_nodelist():
+    assert D.expand_nodelist("a[01-03],b7,c[9,11]") == ["a01", "a02", "a03", "b7", "c9", "c11"]
+    assert D.expand_nodelist("single") == ["single"]
+
+
+def test_bad_values_are_clear_errors():
+    with pytest.raises(D.DistributedError, match="RANK='x' is not an integer"):
+        D.detect_env({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(D.DistributedError, match="rank 4 is outside world size 4"):
+        D.detect_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_helpers_without_a_process_group():
+    assert D.all_reduce_sum(3) == 3.0 and D.all_reduce_max(2.5) == 2.5
+    assert D.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert D.all_reduce_any(True) and not D.all_reduce_any(False)
+    D.barrier()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_group(tmp_path, subprocess_env):
+    """init_distributed from torchrun-style variables, then the reductions, in two real processes."""
+    script = tmp_path / "w.py"
+    script.write_text(textwrap.dedent("""
+        import sys, torch
+        from pipeline import distributed as D
+        env = D.init_distributed("gloo", timeout_s=60)
+        r = env.rank
+        assert D.all_reduce_sum(r + 1) == 3.0
+        assert D.all_reduce_max(r) == 1.0 and D.all_reduce_min(r) == 0.0
+        assert D.all_reduce_mean(torch.tensor([2.0 * r])).item() == 1.0
+        assert D.all_reduce_any(r == 1)
+        assert D.all_gather_object(r * 10) == [0, 10]
+        assert D.is_main() == (r == 0)
+        D.barrier()
+        D.destroy()
+        print("ok", r)
+    """))
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(subprocess_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, out
+        assert f"ok {rank}" in out
