@@ -289,6 +289,10 @@ class CheckpointManager:
         """
         tag = step_tag(step)
         path = self.dir / tag
+        # The generators as they are after `step`, before anything in the save could draw from them.
+        payload = {"format": FORMAT_VERSION, "step": step, "rank": self.rank, "world_size": self.world_size,
+                   "rng": capture_rng_state()}
+        payload.update(rank_state or {})
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._clear_for(step)
@@ -297,14 +301,12 @@ class CheckpointManager:
         if save_fn is not None:
             save_fn(self.dir, tag)
         path.mkdir(parents=True, exist_ok=True)
-        payload = {"format": FORMAT_VERSION, "step": step, "rank": self.rank, "world_size": self.world_size,
-                   "rng": capture_rng_state()}
-        payload.update(rank_state or {})
         _atomic_torch_save(payload, self.rank_file(path))
         self._barrier()
 
         if self.rank == 0:
-            marker = {
+            marker = dict(extra or {})  # the caller's facts (samples seen, stage ...); ours below win
+            marker.update({
                 "format": FORMAT_VERSION,
                 "step": step,
                 "tag": tag,
@@ -314,8 +316,7 @@ class CheckpointManager:
                 "settings_hash": _settings_hash(self.settings),
                 "settings": self.settings,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            }
-            marker.update(extra or {})
+            })
             _atomic_write_json(path / MARKER, marker)
             self.prune(keep_step=step)
             log.info("checkpoint %s complete (%d rank%s)", path, self.world_size, "s" if self.world_size > 1 else "")
@@ -376,16 +377,21 @@ class CheckpointManager:
         Raises ConfigError for a missing / incomplete explicit path and for changed frozen settings.
         """
         choice: Optional[str] = None
-        error: Optional[str] = None
+        error: Optional[tuple[bool, str]] = None
+        failure: Optional[BaseException] = None
         if self.rank == 0:
             try:
                 found = self._find_resume()
                 choice = str(found) if found is not None else None
-            except ConfigError as e:
-                error = str(e)
+            except Exception as e:  # every rank must hear about it, or the others wait in the broadcast
+                failure = e
+                error = (isinstance(e, ConfigError), f"{type(e).__name__}: {e}")
         choice, error = self._broadcast((choice, error))
+        if failure is not None:
+            raise failure
         if error is not None:
-            raise ConfigError(error)
+            is_config, msg = error
+            raise ConfigError(msg.split(": ", 1)[1]) if is_config else RuntimeError(f"rank 0 failed: {msg}")
         if choice is None:
             return None
         path = Path(choice)
@@ -670,6 +676,9 @@ def _slurm_job_id() -> Optional[str]:
     return os.environ.get("SLURM_JOB_ID") or None
 
 
+_FLAG: dict[torch.device, torch.Tensor] = {}
+
+
 def _all_reduce_max(code: int) -> int:
     dist = torch.distributed
     backend = str(dist.get_backend())
@@ -679,6 +688,9 @@ def _all_reduce_max(code: int) -> int:
         device = torch.device("cpu")
     else:
         device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([code], dtype=torch.int32, device=device)
+    t = _FLAG.get(device)
+    if t is None:  # one buffer per device, reused: no allocation per step
+        t = _FLAG[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    t.fill_(code)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())

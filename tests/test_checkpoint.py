@@ -81,7 +81,7 @@ def test_marker_is_written_last_and_holds_the_run_facts(tmp_path):
         events.append("save_fn")
         _fake_save(directory, tag)
 
-    path = mgr.save(500, save_fn, {"loader": {"pos": 7}}, extra={"samples_seen": 1234})
+    path = mgr.save(500, save_fn, {"loader": {"pos": 7}}, extra={"samples_seen": 1234, "step": 999})
     assert path == tmp_path / "checkpoints" / "step-00000500"
     assert events == ["barrier", "save_fn", "barrier", "barrier"]
     marker = json.loads((path / MARKER).read_text())
@@ -346,9 +346,15 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str, out: str) -
                 mgr.save(step, _fake_save, {"loader": {"rank": rank}})
                 break
         point = CheckpointManager(_ckpt_cfg(), run_dir, rank=rank, world_size=world).resolve_resume()
+        try:  # rank 0 decides; its refusal must reach rank 1 too instead of leaving it in the broadcast
+            CheckpointManager(_ckpt_cfg(resume=f"{run_dir}/nope"), run_dir, rank=rank, world_size=world) \
+                .resolve_resume()
+            refusal = None
+        except ConfigError as e:
+            refusal = str(e)
         Path(out, f"rank{rank}.json").write_text(json.dumps(
             {"stopped_at": stopped_at, "triggered": handler.triggered, "resume_step": point.step,
-             "wants_requeue": handler.wants_requeue}))
+             "wants_requeue": handler.wants_requeue, "refusal": refusal}))
         handler.close()
     finally:
         torch.distributed.destroy_process_group()
@@ -366,6 +372,7 @@ def test_two_ranks_agree_to_stop_when_one_got_the_signal(tmp_path):
     assert [r["stopped_at"] for r in results] == [3, 3]
     assert [r["resume_step"] for r in results] == [3, 3]
     assert [r["wants_requeue"] for r in results] == [True, True]  # rank 0 requeues for rank 1's SIGUSR1
+    assert results[0]["refusal"] == results[1]["refusal"] and "nope does not exist" in results[1]["refusal"]
     path = tmp_path / "run" / "checkpoints" / step_tag(3)
     assert read_marker(path)["world_size"] == 2
     assert (path / "rank-00000.pt").is_file() and (path / "rank-00001.pt").is_file()
