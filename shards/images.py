@@ -71,11 +71,14 @@ def reduce_image(data: bytes, max_side: int = 512, quality: int = 90, small_side
         fmt = img.format
         width, height = img.size
         target = fit_size(width, height, max_side)
-        needs_resize = target != (width, height)
-        if needs_resize and fmt == "JPEG" and img.mode in ("RGB", "L"):
-            # Let libjpeg scale by 1/2, 1/4 or 1/8 in the DCT while decoding, never below the target size:
-            # a 4000x3000 photo then costs about as much as a 1000x750 one.
-            img.draft(img.mode, target)
+        keep_bytes = fmt == "JPEG" and img.mode == "RGB" and target == (width, height)
+        small_size = fit_size(*target, small_side) if 0 < small_side < max(target) else None
+        # Decode only the pixels needed: the re-encoded size, or for a kept original just enough for the small
+        # copy (or nothing beyond checking the data). libjpeg then scales by 1/2, 1/4 or 1/8 in the DCT, never
+        # below the requested size; every coefficient is still entropy-decoded, so damaged data is still caught.
+        need = target if not keep_bytes else (small_size or (1, 1))
+        if fmt == "JPEG" and img.mode in ("RGB", "L") and need != (width, height):
+            img.draft(img.mode, need)
         img.load()
     except Image.DecompressionBombError as e:
         raise BadImage(f"too large to decode safely ({e})") from None
@@ -84,15 +87,18 @@ def reduce_image(data: bytes, max_side: int = 512, quality: int = 90, small_side
     if width < 1 or height < 1:
         raise BadImage(f"empty image ({width}x{height})")
 
-    keep_bytes = fmt == "JPEG" and img.mode == "RGB" and not needs_resize
     try:
         rgb = to_rgb(img)
-        if needs_resize:
-            rgb = rgb.resize(target, Image.Resampling.BICUBIC)
-        jpg = data if keep_bytes else encode_jpeg(rgb, quality)
+        if keep_bytes:
+            jpg = data
+        else:
+            if rgb.size != target:
+                rgb = rgb.resize(target, Image.Resampling.BICUBIC)
+            jpg = encode_jpeg(rgb, quality)
         small = None
-        if small_side > 0 and max(rgb.size) > small_side:
-            small = encode_jpeg(rgb.resize(fit_size(*rgb.size, small_side), Image.Resampling.BICUBIC), quality)
+        if small_size is not None:
+            small = encode_jpeg(rgb if rgb.size == small_size else rgb.resize(small_size, Image.Resampling.BICUBIC),
+                                quality)
     except (OSError, ValueError) as e:
         raise BadImage(f"cannot convert ({type(e).__name__}: {e})") from None
     return Reduced(jpg=jpg, size=(width, height), small=small)

@@ -115,12 +115,13 @@ def write_shard(task: ShardTask, ctx: _Context, progress: _Progress) -> dict:
                     time.sleep(3600)
                 try:
                     red = reduce_image(read_bytes(s.ref), ctx.max_side, ctx.quality, ctx.small_copy)
-                except BadImage as e:
-                    bad.append([s.id, str(e)])
-                    progress.add(1)
-                    continue
-                except OSError as e:
-                    bad.append([s.id, f"unreadable ({e.strerror or e})"])
+                except ShardError:
+                    raise  # the source itself is unusable (e.g. a dataset that no longer opens): not one image
+                except Exception as e:  # one odd file must not end a 13M-image write: count it, report it
+                    reason = str(e) if isinstance(e, BadImage) else (
+                        f"unreadable ({e.strerror or e})" if isinstance(e, OSError) else
+                        f"failed ({type(e).__name__}: {e})")
+                    bad.append([s.id, reason])
                     progress.add(1)
                     continue
                 field_name, value = ctx.class_fields[s.label]
@@ -245,24 +246,29 @@ def _run(tasks: list[ShardTask], ctx: _Context, opts: WriteOptions, total: int, 
          on_result) -> None:
     from tqdm import tqdm
 
-    tty = sys.stderr.isatty()
-    with tqdm(total=total, initial=initial, unit="img", unit_scale=True, dynamic_ncols=True, smoothing=0.05,
-              disable=not opts.progress, mininterval=0.5 if tty else 30.0, file=sys.stderr) as bar:
-        if opts.workers <= 1 or len(tasks) <= 1:
-            progress = _Progress(callback=bar.update)
+    def bar():
+        tty = sys.stderr.isatty()
+        return tqdm(total=total, initial=initial, unit="img", unit_scale=True, dynamic_ncols=True, smoothing=0.05,
+                    disable=not opts.progress, mininterval=0.5 if tty else 30.0, file=sys.stderr)
+
+    if opts.workers <= 1 or len(tasks) <= 1:
+        with bar() as b:
+            progress = _Progress(callback=b.update)
             for t in tasks:
                 on_result(write_shard(t, ctx, progress))
-            return
-        counter = mp.Value("q", 0)
-        with mp.Pool(min(opts.workers, len(tasks)), initializer=_init_worker, initargs=(ctx, counter)) as pool:
-            results = pool.imap_unordered(_worker_task, tasks)
+        return
+    counter = mp.Value("q", 0)
+    # The pool starts before the progress bar, whose monitor thread must not be forked.
+    with mp.Pool(min(opts.workers, len(tasks)), initializer=_init_worker, initargs=(ctx, counter)) as pool:
+        results = pool.imap_unordered(_worker_task, tasks)
+        with bar() as b:
             remaining, shown = len(tasks), 0
             while remaining:
                 try:
                     result = results.next(timeout=0.5)
                 except mp.TimeoutError:
                     result = None
-                bar.update(counter.value - shown)
+                b.update(counter.value - shown)
                 shown = counter.value
                 if result is not None:
                     remaining -= 1
