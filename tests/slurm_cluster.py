@@ -175,7 +175,8 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
         self._spawn("slurmd", [_which("slurmd"), "-D", "-N", NODE, "-f", str(self.conf)])
         self._wait(lambda: self.node_state() in ("idle", "mixed", "allocated"), timeout,
                    "the node did not become idle")
-        REGISTRY.write_text(json.dumps({"root": str(r), "pids": {n: p.pid for n, p in self.procs.items()}}))
+        REGISTRY.write_text(json.dumps({"root": str(r), "owner": os.getpid(),
+                                        "pids": {n: p.pid for n, p in self.procs.items()}}))
         return self
 
     def _wait(self, cond, timeout: float, what: str) -> None:
@@ -278,12 +279,15 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
 
 
 def _end_leftovers() -> None:
-    """End the daemons of an earlier session that was killed before it could stop them (recorded pids whose
-    command line still names that session's folder)."""
+    """End the daemons of an earlier test session that died before it could stop them (recorded pids whose
+    command line still names that session's folder, and whose owning process is gone)."""
     try:
         old = json.loads(REGISTRY.read_text())
     except (OSError, ValueError):
         return
+    owner = old.get("owner")
+    if isinstance(owner, int) and _pid_alive(owner) and "python" in _cmdline(owner):
+        return  # another test session is alive and uses its cluster: leave it alone
     root = old.get("root", "")
     for pid in old.get("pids", {}).values():
         if root and root in _cmdline(pid) and _pid_alive(pid):

@@ -376,3 +376,26 @@ def test_two_ranks_agree_to_stop_when_one_got_the_signal(tmp_path):
     path = tmp_path / "run" / "checkpoints" / step_tag(3)
     assert read_marker(path)["world_size"] == 2
     assert (path / "rank-00000.pt").is_file() and (path / "rank-00001.pt").is_file()
+
+
+@pytest.mark.gpu
+def test_cuda_rng_round_trip_and_nccl_agreement(monkeypatch):
+    torch.cuda.manual_seed(5)
+    torch.rand(1, device="cuda")  # initialise CUDA: only then is there a generator state to keep
+    state = capture_rng_state()
+    assert "cuda" in state
+    expected = torch.rand(3, device="cuda").tolist()
+    restore_rng_state(state)
+    assert torch.rand(3, device="cuda").tolist() == expected
+
+    # should_stop on an NCCL group reduces a CUDA tensor (NCCL refuses CPU tensors).
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        with PreemptionHandler(["SIGUSR1"]) as h:
+            assert not h.should_stop()
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert h.should_stop() and h.wants_requeue
+    finally:
+        torch.distributed.destroy_process_group()
