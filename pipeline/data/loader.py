@@ -18,6 +18,11 @@ run would have produced. A state from a different number of ranks or workers con
 samples not yet seen (no sample twice in the epoch) -- exactly, but not in the same order as an uninterrupted
 run on the new layout.
 
+``data.resampled``: every reader draws shards with replacement from a (seed, epoch, reader) RNG and an "epoch"
+is nominal (dataset size / readers per reader). The draws are as deterministic as the rest, so a resume on the
+same layout is exact here too; a resume on another layout starts fresh draws (statistically equivalent: with
+replacement there is no "already seen" to avoid).
+
 Equal batches per rank: every reader of every rank delivers the same number of samples per epoch (the smallest
 reader's share; the rest of the others' shares waits for the next epoch's order), and bad samples are replaced
 inside their batch instead of shortening it, so no rank ever waits in a collective for a batch that does not
@@ -703,6 +708,7 @@ class EvalLoader:
                                      num_classes=num_classes, multi_label=multi_label)
         self.bad_samples = 0
         self.samples = sum(b - a for a, b in self._ranges)
+        self.multi_label = multi_label
 
     def __len__(self) -> int:
         return self.num_batches

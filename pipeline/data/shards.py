@@ -413,7 +413,7 @@ class TrainPlan:
     def delivered(self, epoch: int, rank: int, worker: int, count: int) -> Iterator[tuple[int, int, int, int]]:
         """The first ``count`` addresses a reader delivered (no file access); for seen-sample bookkeeping."""
         s = self.stream(epoch, rank, worker)
-        for _ in range(count):
+        for _ in range(min(count, s.quota)):
             yield s.next(load=False)[0]
 
 
@@ -468,8 +468,11 @@ class ShuffleStream:
         return entry[1], entry[2]
 
     def skip(self, n: int) -> None:
-        for _ in range(n):
-            self.next(load=False)
+        for _ in range(min(n, self.remaining)):
+            try:
+                self.next(load=False)
+            except StopIteration:
+                break
         self.materialize()
 
     def materialize(self) -> None:
