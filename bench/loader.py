@@ -1,0 +1,301 @@
+"""Loader benchmark: training-transform images/s per worker (one core) against a plain PIL + torchvision baseline.
+
+Both pipelines read the same webdataset tar shards of realistic JPEGs (~500x375, quality 90, random crops of the
+two photographs scikit-learn ships; drawn images compress far better than photos and would flatter the decoder)
+and produce the same tensors: random-resized crop, flip, RandAugment (2 ops, magnitude 10 on the 0-10 scale),
+float32, normalised. Per sample both are seeded identically, so they pick the same crop boxes and the same
+RandAugment ops: the comparison is like for like.
+
+    baseline   PIL full decode (Image.open(...).convert('RGB')) + torchvision v2 RandomResizedCrop /
+               RandomHorizontalFlip / RandAugment(num_magnitude_bins=11, magnitude=10) / ToImage / ToDtype /
+               Normalize
+    ours       pipeline.data.transforms.TrainTransform: crop-aware reduced decode from the stored jpg_small copy
+               or PIL draft, uint8 resize, RandAugment on uint8 (PIL ops), one-pass normalise
+    ours-draft the same on shards without jpg_small copies (DCT scaling alone)
+    ours-full  the same with reduced_decode off (everything but the decode savings)
+
+Pipelines are interleaved (every repeat times each one once, in rotating order) and the median is reported.
+Then a per-step time breakdown of ours and the baseline, and the extra storage of the small copies.
+
+    python bench/loader.py                       # ~2 minutes on one core
+    python bench/loader.py --images 128 --repeats 3 --sizes 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import DataConfig  # noqa: E402
+from pipeline.data.decode import SampleImage, crop_resize, pil_to_tensor, tensor_to_pil  # noqa: E402
+from pipeline.data.transforms import TrainTransform  # noqa: E402
+
+SMALL_SIDE = 256
+MAGNITUDE = 10
+# CPU time of this thread, not wall time: the figures then hold on a machine shared with other jobs (each
+# pipeline runs single-threaded, so its CPU time is its cost; --wall switches to wall-clock time).
+CLOCK = time.thread_time
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+def make_photo_jpegs(n: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
+    """(jpg, jpg_small) pairs: random crops of the sklearn photographs resized to 500x375 / 375x500, q90.
+
+    Uses the shard toolkit's generator when it exists, else this local one.
+    """
+    try:
+        from shards.photos import make_photo_jpegs as toolkit  # type: ignore
+    except ImportError:
+        toolkit = None
+    if toolkit is not None:
+        try:
+            pairs = toolkit(n, seed=seed)
+            return [(p[0], p[1]) if isinstance(p, tuple) else (p, _small_copy(p)) for p in pairs]
+        except TypeError:
+            pass  # a different signature than expected: fall back to the local generator
+    from sklearn.datasets import load_sample_images
+
+    rng = random.Random(seed)
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    out = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        portrait = rng.random() < 0.25
+        size = (375, 500) if portrait else (500, 375)
+        aspect = size[0] / size[1]
+        pw, ph = photo.size
+        cw = rng.uniform(0.45, 1.0) * min(pw, ph * aspect)
+        ch = cw / aspect
+        x0, y0 = rng.uniform(0, pw - cw), rng.uniform(0, ph - ch)
+        img = photo.resize(size, Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        data = buf.getvalue()
+        out.append((data, _small_copy(data)))
+    return out
+
+
+def _small_copy(data: bytes) -> bytes:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    scale = SMALL_SIDE / max(img.size)
+    small = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))),
+                       Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_shards(pairs, folder: Path, with_small: bool, per_shard: int) -> list[str]:
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for s in range(0, len(pairs), per_shard):
+        path = folder / f"train-{s // per_shard:06d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i, (jpg, small) in enumerate(pairs[s:s + per_shard], start=s):
+                sample = {"__key__": f"img{i:06d}", "jpg": jpg, "cls": str(i % 10).encode(),
+                          "json": b'{"labels": [%d]}' % (i % 10)}
+                if with_small:
+                    sample["jpg_small"] = small
+                sink.write(sample)
+        urls.append(str(path))
+    return urls
+
+
+def read_shards(urls):
+    import webdataset as wds
+
+    return wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+
+
+# ---------------------------------------------------------------------------------------------------- pipelines
+
+def baseline_transform(cfg: DataConfig, size: int):
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([
+        v2.RandomResizedCrop(size, scale=tuple(cfg.crop_area), ratio=tuple(cfg.crop_ratio), antialias=True),
+        v2.RandomHorizontalFlip(cfg.hflip),
+        v2.RandAugment(num_ops=cfg.randaug_ops, magnitude=MAGNITUDE, num_magnitude_bins=11,
+                       fill=[int(round(255 * m)) for m in cfg.mean]),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(cfg.mean, cfg.std),
+    ])
+
+    def run(sample):
+        return tf(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+    return run
+
+
+def time_pass(source, fn) -> float:
+    """images/s of one pass; ``source`` is a list of shard URLs (read with webdataset) or of samples."""
+    samples = read_shards(source) if isinstance(source[0], str) else source
+    n = 0
+    t0 = CLOCK()
+    for i, sample in enumerate(samples):
+        # The same crop / flip / RandAugment draws for every pipeline. (torch.manual_seed costs ~70 us with a
+        # CUDA build of torch, the CPU generator's own manual_seed ~1 us.)
+        torch.default_generator.manual_seed(i)
+        out = fn(sample)
+        assert out.dtype == torch.float32
+        n += 1
+    return n / (CLOCK() - t0)
+
+
+# ---------------------------------------------------------------------------------------------------- breakdown
+
+class Timer:
+    def __init__(self):
+        self.total = Counter()
+
+    def __call__(self, name, fn, *args):
+        t0 = CLOCK()
+        out = fn(*args)
+        self.total[name] += CLOCK() - t0
+        return out
+
+
+def breakdown_ours(samples, cfg: DataConfig, size: int) -> tuple[Counter, Counter]:
+    tf = TrainTransform(cfg, size, MAGNITUDE)
+    t, plans = Timer(), Counter()
+    for i, s in enumerate(samples):
+        torch.default_generator.manual_seed(i)
+        image = t("header + crop box", SampleImage, s)
+        box = t("header + crop box", tf.crop_box, image)
+        plan = t("header + crop box", image.plan, box, tf.out_size, True)
+        plans[f"{plan.source} 1/{plan.scale}"] += 1
+        pixels, scale = t("decode", image.decode_plan, plan)
+        x = t("crop + resize (uint8)", crop_resize, pixels, box, plan.sx / scale, plan.sy / scale, tf.out_size)
+        flip = bool(torch.rand(()) < tf.hflip)
+        pil = t("to PIL + flip", tensor_to_pil, x, flip)
+        pil = t("RandAugment", tf.randaug, pil)
+        x = t("from PIL", pil_to_tensor, pil)
+        t("normalise", tf.normalize, x)
+    return t.total, plans
+
+
+def breakdown_baseline(samples, cfg: DataConfig, size: int) -> Counter:
+    from torchvision.transforms import v2
+
+    crop = v2.RandomResizedCrop(size, scale=tuple(cfg.crop_area), ratio=tuple(cfg.crop_ratio), antialias=True)
+    flip = v2.RandomHorizontalFlip(cfg.hflip)
+    ra = v2.RandAugment(num_ops=cfg.randaug_ops, magnitude=MAGNITUDE, num_magnitude_bins=11)
+    tail = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)])
+    t = Timer()
+    for i, s in enumerate(samples):
+        torch.default_generator.manual_seed(i)
+        img = t("decode", lambda b: Image.open(io.BytesIO(b)).convert("RGB"), s["jpg"])
+        img = t("crop + resize (PIL)", crop, img)
+        img = t("flip", flip, img)
+        img = t("RandAugment", ra, img)
+        t("to tensor + normalise", tail, img)
+    return t.total
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=256, help="JPEGs in the shards (default 256)")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per pipeline and size (median reported)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 384])
+    p.add_argument("--workdir", default=None, help="where to write the shards (default: a temporary folder)")
+    p.add_argument("--wall", action="store_true", help="time with the wall clock instead of thread CPU time")
+    args = p.parse_args(argv)
+    if args.wall:
+        global CLOCK
+        CLOCK = time.perf_counter
+
+    torch.set_num_threads(1)  # one loader worker = one core
+    cfg = DataConfig()
+    print(f"torch {torch.__version__}, one thread, {os.cpu_count()} cores visible, "
+          f"{'wall-clock' if args.wall else 'thread CPU'} time; "
+          f"{args.images} JPEGs in {args.shards} shards, {args.repeats} interleaved repeats")
+    pairs = make_photo_jpegs(args.images)
+    jpg_bytes = sum(len(a) for a, _ in pairs)
+    small_bytes = sum(len(b) for _, b in pairs)
+    sizes_px = Counter(Image.open(io.BytesIO(a)).size for a, _ in pairs)
+    print(f"images: {dict(sizes_px)}; mean jpg {jpg_bytes / len(pairs) / 1024:.1f} KiB, "
+          f"jpg_small {small_bytes / len(pairs) / 1024:.1f} KiB "
+          f"(+{100 * small_bytes / jpg_bytes:.1f}% storage for the small copies)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.workdir or tmp)
+        per_shard = max(1, len(pairs) // args.shards)
+        with_small = write_shards(pairs, root / "with_small", True, per_shard)
+        no_small = write_shards(pairs, root / "no_small", False, per_shard)
+        shard_bytes = {name: sum(os.path.getsize(u) for u in urls)
+                       for name, urls in (("with_small", with_small), ("no_small", no_small))}
+        print(f"shards: {shard_bytes['no_small'] / 2**20:.2f} MiB without small copies, "
+              f"{shard_bytes['with_small'] / 2**20:.2f} MiB with "
+              f"(+{100 * (shard_bytes['with_small'] / shard_bytes['no_small'] - 1):.1f}%)")
+        samples = list(read_shards(with_small))
+        samples_no_small = list(read_shards(no_small))
+
+        results = {}
+        for size in args.sizes:
+            ours = TrainTransform(cfg, size, MAGNITUDE)
+            pipes = {  # name: (shards, samples in memory, transform)
+                "baseline": (no_small, samples_no_small, baseline_transform(cfg, size)),
+                "ours": (with_small, samples, ours),
+                "ours-draft": (no_small, samples_no_small, ours),
+                "ours-full": (with_small, samples, TrainTransform(DataConfig(reduced_decode=False), size, MAGNITUDE)),
+            }
+            for _, mem, fn in pipes.values():  # warm-up: imports, allocator, caches
+                for s in mem[:16]:
+                    fn(s)
+            rates = {(name, where): [] for name in pipes for where in ("shards", "memory")}
+            names = list(pipes)
+            for r in range(args.repeats):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    urls, mem, fn = pipes[name]
+                    rates[(name, "shards")].append(time_pass(urls, fn))
+                    rates[(name, "memory")].append(time_pass(mem, fn))
+            results[size] = {k: statistics.median(v) for k, v in rates.items()}
+
+        for where, title in (("shards", "read from the tar shards (webdataset) + transform"),
+                             ("memory", "transform only (samples already in memory)")):
+            print(f"\nimages/s per worker (one core), {title}; median of {args.repeats} interleaved repeats")
+            print(f"{'size':>5}  {'baseline':>9}  {'ours':>9}  {'ratio':>6}  {'ours-draft':>10}  {'ratio':>6}  "
+                  f"{'ours-full':>9}  {'ratio':>6}")
+            for size, r in results.items():
+                b = r[("baseline", where)]
+                o, d, f = (r[(n, where)] for n in ("ours", "ours-draft", "ours-full"))
+                print(f"{size:>5}  {b:>9.0f}  {o:>9.0f}  {o / b:>5.2f}x  {d:>10.0f}  {d / b:>5.2f}x  "
+                      f"{f:>9.0f}  {f / b:>5.2f}x")
+
+        print("\nwhere the time goes (ms per image, ours on shards with jpg_small | baseline)")
+        for size in args.sizes:
+            ours, plans = breakdown_ours(samples, cfg, size)
+            base = breakdown_baseline(samples, cfg, size)
+            n = len(samples)
+            mix = ", ".join(f"{k} {100 * v / n:.0f}%" for k, v in sorted(plans.items()))
+            print(f"  {size}px  decode sources: {mix}")
+            print("    ours:     " + ", ".join(f"{k} {1e3 * v / n:.3f}" for k, v in ours.items())
+                  + f"  = {1e3 * sum(ours.values()) / n:.3f}")
+            print("    baseline: " + ", ".join(f"{k} {1e3 * v / n:.3f}" for k, v in base.items())
+                  + f"  = {1e3 * sum(base.values()) / n:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

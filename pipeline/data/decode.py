@@ -1,0 +1,228 @@
+"""Image decoding: full RGB decode, and crop-aware reduced-size decode straight to a resized uint8 tensor.
+
+Entropy (Huffman) decoding dominates JPEG decode time and does not shrink with DCT scaling, so the biggest saving
+comes from decoding fewer bytes: the shard toolkit stores a second, smaller copy of large images (``jpg_small``,
+max side ~256). The crop box is chosen first, in original-image coordinates, from the JPEG header alone; then the
+image is decoded from the cheapest source that still holds the crop at the target size or larger:
+
+1. ``jpg_small`` when the crop, scaled into it, is at least the target size in both dimensions;
+2. otherwise the original with PIL ``draft`` DCT scaling (1/2, 1/4, 1/8) by the largest factor that keeps the
+   crop at least the target size;
+3. otherwise a full decode (torchvision's libjpeg-turbo decoder where available: ~15% faster than PIL's).
+
+So the crop is never upsampled more than a full decode would upsample it: a reduced source is used only when the
+crop needs no upsampling from it at all. The crop box is rounded to whole pixels of the source it is cut from,
+which moves each edge by at most half a source pixel (one original pixel for a half-size copy).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Mapping, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+try:
+    # torchvision's libjpeg-turbo decoder writes straight into a tensor: ~15% faster than PIL for a full-size
+    # decode. torchvision 0.29 deprecates its image codecs (in favour of TorchCodec, not a dependency here); we
+    # keep using it while it exists, silence that one warning, and fall back to PIL when it is gone.
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io.image import _has_image_ops
+
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
+    TV_DECODE = bool(_has_image_ops())
+except ImportError:  # pragma: no cover - depends on the torchvision release
+    TV_DECODE = False
+
+# Truncated files must raise (the loader counts them as bad), whatever another library set globally.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError)
+
+Box = tuple[int, int, int, int]
+"""(top, left, height, width) in pixels of the original image."""
+
+
+class DecodeError(ValueError):
+    """A sample's image cannot be decoded (corrupt, truncated, not an image, missing)."""
+
+
+def _image_bytes(sample: Mapping, key: str) -> Optional[bytes]:
+    data = sample.get(key)
+    if data is None:
+        return None
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise DecodeError(f"sample {sample.get('__key__', '?')}: field '{key}' is {type(data).__name__}, expected "
+                      "the encoded image bytes (do not decode images in the webdataset pipeline)")
+
+
+def _open(data: bytes, what: str) -> Image.Image:
+    """Parse the header only (no pixel decode)."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except _PIL_ERRORS as e:
+        raise DecodeError(f"{what}: cannot read the image header: {e}") from e
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes to an RGB PIL image; raises DecodeError for corrupt or truncated data."""
+    im = _open(bytes(data), "image")
+    try:
+        im.load()
+        return im if im.mode == "RGB" else im.convert("RGB")
+    except _PIL_ERRORS as e:
+        raise DecodeError(f"image: cannot decode: {e}") from e
+
+
+class SampleImage:
+    """The images of one sample, headers parsed, pixels not yet decoded.
+
+    ``size`` is (width, height) of the original; ``decode_crop`` decodes a box of it at a target size.
+    """
+
+    def __init__(self, sample: Mapping):
+        self.key = str(sample.get("__key__", "?"))
+        data = _image_bytes(sample, "jpg")
+        if data is None:
+            raise DecodeError(f"sample {self.key}: no 'jpg' field (keys: {sorted(k for k in sample)})")
+        self._data = data
+        self._small_data = _image_bytes(sample, "jpg_small")
+        self.image = _open(data, f"sample {self.key}")
+        self.size: tuple[int, int] = self.image.size
+        if self.size[0] < 1 or self.size[1] < 1:
+            raise DecodeError(f"sample {self.key}: image has size {self.size}")
+
+    def _small(self) -> Optional[Image.Image]:
+        if self._small_data is None:
+            return None
+        try:
+            return _open(self._small_data, f"sample {self.key} (jpg_small)")
+        except DecodeError:
+            return None  # the original is still usable: a broken small copy only costs speed
+
+    def plan(self, box: Box, out_size: tuple[int, int], reduced: bool) -> "DecodePlan":
+        """Choose the source ('jpg' or 'jpg_small') and the DCT scale denominator (1, 2, 4 or 8) for a crop."""
+        _, _, h, w = box
+        th, tw = out_size
+        plan = DecodePlan("jpg", self._data, self.image, 1.0, 1.0, 1)
+        if reduced:
+            small = self._small()
+            if small is not None:
+                sx, sy = small.size[0] / self.size[0], small.size[1] / self.size[1]
+                if h * sy >= th and w * sx >= tw:
+                    plan = DecodePlan("jpg_small", self._small_data, small, sx, sy, 1)
+            if plan.header.format == "JPEG":
+                for k in (8, 4, 2):
+                    if h * plan.sy / k >= th and w * plan.sx / k >= tw:
+                        plan = plan._replace(scale=k)
+                        break
+        return plan
+
+    def decode_crop(self, box: Box, out_size: tuple[int, int], *, reduced: bool = True,
+                    interpolation: InterpolationMode = InterpolationMode.BILINEAR) -> torch.Tensor:
+        """Decode ``box`` (top, left, height, width in original pixels) resized to ``out_size`` (height, width).
+
+        Returns a uint8 tensor (3, H, W) (channels-last strides). Raises DecodeError if the data is corrupt.
+        """
+        plan = self.plan(box, out_size, reduced)
+        pixels, scale = self.decode_plan(plan)  # (3, h_src, w_src) uint8
+        return crop_resize(pixels, box, plan.sx / scale, plan.sy / scale, out_size, interpolation)
+
+    def decode_plan(self, plan: "DecodePlan") -> tuple[torch.Tensor, int]:
+        """Pixels of the planned source as uint8 (3, h, w), and the DCT scale actually used."""
+        what = f"sample {self.key} ({plan.source})"
+        if TV_DECODE and plan.scale == 1 and plan.header.format == "JPEG":
+            try:
+                return decode_jpeg(torch.frombuffer(bytearray(plan.data), dtype=torch.uint8),
+                                   mode=ImageReadMode.RGB), 1
+            except RuntimeError as e:
+                raise DecodeError(f"{what}: cannot decode: {e}") from e
+        # A fresh header object: draft() configures an image once, and self.image may be decoded again later.
+        im = _open(plan.data, what)
+        scale = 1
+        if plan.scale > 1:
+            full_w = im.size[0]
+            # PIL picks the largest of 8/4/2/1 that keeps the image at least the requested size, which for a
+            # request of floor(W / k) is exactly k; read it back anyway rather than trust the arithmetic.
+            drafted = im.draft("RGB", (im.size[0] // plan.scale, im.size[1] // plan.scale))
+            if drafted is not None:
+                scale = round(full_w / drafted[1][2])
+        try:
+            im.load()
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+        except _PIL_ERRORS as e:
+            raise DecodeError(f"{what}: cannot decode: {e}") from e
+        return pil_to_tensor(im), scale
+
+
+class DecodePlan(NamedTuple):
+    source: str
+    """'jpg' or 'jpg_small'."""
+    data: bytes
+    header: Image.Image
+    sx: float
+    """Source pixels per original pixel, horizontally (1 for the original)."""
+    sy: float
+    scale: int
+    """DCT scaling denominator: the source is decoded at 1/scale."""
+
+
+def crop_resize(pixels: torch.Tensor, box: Box, sx: float, sy: float, out_size: tuple[int, int],
+                interpolation: InterpolationMode = InterpolationMode.BILINEAR) -> torch.Tensor:
+    """Cut ``box`` (original-image pixels) out of a decoded source whose pixels per original pixel are (sx, sy)
+    and resize it to ``out_size``; uint8 (3, H, W) in and out."""
+    top, left, h, w = box
+    hs, ws = pixels.shape[-2:]
+    # Whole source pixels: each edge moves by at most half a source pixel.
+    y0 = min(max(round(top * sy), 0), hs - 1)
+    x0 = min(max(round(left * sx), 0), ws - 1)
+    y1 = min(max(round((top + h) * sy), y0 + 1), hs)
+    x1 = min(max(round((left + w) * sx), x0 + 1), ws)
+    crop = pixels[:, y0:y1, x0:x1]
+    if (y1 - y0, x1 - x0) == tuple(out_size):
+        return crop
+    # uint8 in, uint8 out: torch's antialiased bilinear has a fast uint8 kernel for channels-last input. A
+    # strided crop view is not channels-last contiguous, so torch would allocate a CHW output and repack it;
+    # copying the crop first halves the resize at 384 px and keeps the result HWC-ordered for the PIL step.
+    crop = crop.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    return F.resize(crop, list(out_size), interpolation=interpolation, antialias=True)[0]
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W) sharing one copy of the pixels (channels-last strides)."""
+    arr = np.array(im, dtype=np.uint8, copy=True)  # writable copy: torch refuses to wrap read-only buffers
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def tensor_to_pil(x: torch.Tensor, flip: bool = False) -> Image.Image:
+    """uint8 tensor (3, H, W) -> RGB PIL image, optionally mirrored left-right on the way."""
+    hwc = x.permute(1, 2, 0)
+    if flip:
+        hwc = hwc.flip(1)
+    return Image.fromarray(np.ascontiguousarray(hwc.numpy()), mode="RGB")
+
+
+def centre_crop_box(size: tuple[int, int], crop: int) -> Box:
+    """A (top, left, crop, crop) box centred as the EfficientNetV2 code does: offset (dim - crop) // 2."""
+    w, h = size
+    crop = max(1, min(crop, w, h))
+    return ((h - crop) // 2, (w - crop) // 2, crop, crop)
+
+
+def full_box(size: tuple[int, int]) -> Box:
+    w, h = size
+    return (0, 0, h, w)
+
+
+def as_size(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
