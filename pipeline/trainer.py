@@ -13,15 +13,18 @@ shard under ZeRO-3; rank 0's full copy otherwise); ``COMPLETE.json`` last, with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import random
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +52,12 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def model_kwargs(cfg: Config, num_classes: int, dropout: Optional[float]) -> dict:
     m = cfg.model
     return dict(num_classes=num_classes, drop_rate=dropout, drop_path_rate=m.drop_path_rate,
@@ -70,7 +79,10 @@ class Trainer:
             save_resolved(cfg, self.run_dir)
 
         # The loader first: the dataset size decides the epoch length and, with train.epochs, the run length.
-        self.loader = build_train_loader(d, stage=None, micro_batch_size=t.micro_batch_size,
+        # It starts on a provisional stage; the real one is set before the first batch (_enter_stage).
+        provisional = Stage(index=0, start_step=0, end_step=1, image_size=cfg.progressive.min_image_size,
+                            randaug=0.0, mixup=0.0, cutmix=0.0, dropout=0.0, drop_path=None, micro_batch_size=None)
+        self.loader = build_train_loader(d, stage=provisional, micro_batch_size=t.micro_batch_size,
                                          num_classes=cfg.model.num_classes, label_smoothing=t.label_smoothing,
                                          seed=t.seed, rank=self.rank, world_size=self.world_size)
         self.num_classes = self.loader.num_classes
@@ -88,7 +100,11 @@ class Trainer:
         self.step = self.resume_point.step if self.resume_point else 0
         stage = self.schedule.stage_at(self.step)
 
+        # The same initial weights on every rank and in every run of this seed; then per-rank streams for
+        # dropout / stochastic depth (restored exactly from the checkpoint's RNG states on resume).
+        seed_everything(t.seed)
         model = create_model(cfg.model.name, **model_kwargs(cfg, self.num_classes, stage.dropout))
+        seed_everything(t.seed * 100_003 + 1 + self.rank)
         if stage.drop_path is not None:
             model.set_regularization(drop_path=stage.drop_path)
         if t.sync_bn and self.world_size > 1:
@@ -373,9 +389,7 @@ class Trainer:
             "step": self.step, "total_steps": self.total_steps, "preempted": preempted,
             "samples_seen": self.samples_seen, "world_size": self.world_size,
             "zero_stage": self.engine.zero_stage,
-            "stages": [dict(index=s.index, start_step=s.start_step, end_step=s.end_step, image_size=s.image_size,
-                            randaug=s.randaug, mixup=s.mixup, cutmix=s.cutmix, dropout=s.dropout,
-                            drop_path=s.drop_path, **per_stage.get(s.index, {})) for s in self.schedule],
+            "stages": [{**per_stage.get(s.index, {}), **dataclasses.asdict(s)} for s in self.schedule],
             "eval": self.eval_results, "losses": losses,
             "tensorboard": str(self.run_dir / "tb"),
         }

@@ -201,10 +201,13 @@ def test_exact_resume_after_kill_and_resume_on_other_rank_count(shards, tmp_path
 
     # the same interrupted run continued on 1 rank: universal checkpoint conversion, then to the end
     resumed_from = latest(other)
-    _run(tmp_path, 1, [{"overrides": _overrides(shards, other, *EXACT)}])
+    proc = _run(tmp_path, 1, [{"overrides": _overrides(shards, other, *EXACT)}])
     summary = json.loads((other / "summary.json").read_text())
     assert summary["step"] == 8 and summary["world_size"] == 1
-    assert (other / "checkpoints" / f"step-{resumed_from:08d}_universal").is_dir()
+    assert f"resuming a 2-rank checkpoint on 1 rank: converting to a universal checkpoint in " \
+           f"{other / 'checkpoints' / f'step-{resumed_from:08d}_universal'}" in proc.stdout + proc.stderr
+    steps = [r["step"] for r in _log(other)]
+    assert steps[-(8 - resumed_from):] == list(range(resumed_from + 1, 9))
 
 
 def test_preemption_signal_saves_exits_zero_and_resume_completes(shards, tmp_path):
