@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import sys
 import time
@@ -96,7 +95,9 @@ class Finetune:
                               "bf16 (bf16 autocast with fp32 weights)")
         # Accumulation is done here with no_sync (see _train_step): the count can change with the stage's
         # micro-batch size, which accelerate fixes at construction.
-        acc = Accelerator(mixed_precision=precision, log_with="tensorboard",
+        # cpu=True on a machine without GPUs: accelerate then runs the launched processes as MULTI_CPU on gloo
+        # (without it, every process of `accelerate launch --multi_gpu` / torchrun would train alone).
+        acc = Accelerator(cpu=not cuda, mixed_precision=precision, log_with="tensorboard",
                           project_config=ProjectConfiguration(project_dir=str(self.run_dir),
                                                               logging_dir=str(self.run_dir)))
         self.acc = acc
@@ -108,7 +109,6 @@ class Finetune:
             self.model = fl.build_model(self.init, cfg.model, self.data.classes, head_seed=cfg.finetune.head_seed,
                                         log=self.log)
 
-        micro = t.micro_batch_size
         self.total_steps = resolve_total_steps(t, self.data.samples)
         self.steps_per_epoch = self.data.samples / t.global_batch_size
         self.schedule = StageSchedule.from_config(cfg.progressive, self.total_steps,
@@ -141,7 +141,6 @@ class Finetune:
         if acc.is_main_process:
             save_resolved(cfg, self.run_dir)
         acc.init_trackers("tb", config=fl.flat_hparams(to_dict(cfg)))
-        del micro
 
     def _micro(self, stage) -> int:
         return stage.micro_batch_size or self.cfg.train.micro_batch_size
@@ -300,7 +299,6 @@ class Finetune:
         loader = build_eval_loader(cfg.data, image_size=size, micro_batch_size=micro, rank=self.rank,
                                    world_size=self.world, num_classes=self.num_classes)
         if cfg.eval.max_batches > 0:
-            import itertools
             loader = _Limited(loader, cfg.eval.max_batches)
 
         def reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -38,28 +38,55 @@ def _export(path: Path, num_classes: int, classes=None, seed: int = 0, name: str
     return save_export(model.state_dict(), meta, path)
 
 
+# A transfer set that a randomly initialised tiny model learns in a few dozen steps: the class is the dominant
+# colour (with noise, brightness changes and a clutter square), so "accuracy above chance" checks the pipeline
+# (labels, targets, evaluation, resume), not the model's capacity. Class folders are wnids, as in ImageNet.
+COLOURS = {"n01440764": (200, 40, 40), "n01443537": (40, 180, 40), "n01484850": (40, 60, 200),
+           "n01491361": (210, 200, 40)}
+
+
+def _colour_images(seed: int, per_class: int):
+    """(wnid, index, PIL image) for every image of the colour set."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for wnid, rgb in COLOURS.items():
+        for i in range(per_class):
+            a = np.array(rgb) * rng.uniform(0.6, 1.2) + rng.normal(0, 30, (SIZE, SIZE, 3))
+            y, x = rng.integers(0, SIZE - SIZE // 4, 2)
+            a[y:y + SIZE // 4, x:x + SIZE // 4] = rng.integers(0, 256, 3)
+            yield wnid, i, Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
 @pytest.fixture(scope="module")
 def transfer(tmp_path_factory) -> Path:
-    """The demo transfer set, tiny: 4 classes x 32 train / 12 val images of 48 px, 8 train shards."""
+    """Shards of the colour set, written by the toolkit from an image folder: 4 classes x 40 train / 12 val."""
     from shards.cli import main as shards_main
 
-    out = tmp_path_factory.mktemp("data") / "transfer"
-    rc = shards_main(["write", "demo", "transfer", str(out), "--classes", "4", "--per-class", "32",
-                      "--val-per-class", "12", "--image-size", str(SIZE), "--shard-size", "16", "--workers", "1",
-                      "--no-progress"])
+    root = tmp_path_factory.mktemp("data")
+    for wnid, i, im in _colour_images(0, 52):
+        (root / "images" / wnid).mkdir(parents=True, exist_ok=True)
+        im.save(root / "images" / wnid / f"{wnid}_{i}.jpg", quality=90)
+    out = root / "transfer"
+    rc = shards_main(["write", "imagefolder", str(root / "images"), str(out), "--val-per-class", "12",
+                      "--shard-size", "16", "--workers", "1", "--no-progress"])
     assert rc == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
-    return _export(tmp_path_factory.mktemp("init") / "export", num_classes=8)
+    """A "21k" export with 8 classes, two of which (rows 6 and 3) are target classes."""
+    classes = [{"index": i, "wnid": _wnid(i), "name": f"class {i}"} for i in range(8)]
+    classes[6]["wnid"], classes[3]["wnid"] = "n01443537", "n01491361"
+    return _export(tmp_path_factory.mktemp("init") / "export", num_classes=8, classes=classes)
 
 
 def _overrides(run_dir: Path, data: Path, init: Path, **extra) -> list[str]:
     base = {"init": str(init), "data.train": f"[{data}]", "train.run_dir": str(run_dir),
             "progressive.min_image_size": SIZE, "progressive.max_image_size": SIZE, "data.eval_image_size": SIZE,
-            "data.cutout": SIZE // 2, "train.total_steps": 24, "checkpoint.every_steps": 12, "train.log_every": 4}
+            "data.cutout": SIZE // 2, "data.eval_crop_threshold": 0, "optim.lr_per_256": 0.032, "train.total_steps": 24, "checkpoint.every_steps": 12, "train.log_every": 4}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -194,29 +221,26 @@ def test_cli_exit_code(tmp_path, subprocess_env, repo_root, transfer):
 # ------------------------------------------------------------------------------------------ runs
 
 
-def _hf_dataset(path: Path, n_per_class: int = 24, split_test: int = 8) -> Path:
-    """A datasets DatasetDict on disk (train / test, Image + ClassLabel columns) from the demo renderer."""
+def _hf_dataset(path: Path, n_per_class: int = 40, n_test: int = 8) -> Path:
+    """A datasets DatasetDict on disk (train / test; Image + ClassLabel columns) of the colour set."""
     import io
 
     import datasets
-    from shards.demo import class_names, render_image
 
     datasets.disable_progress_bars()
-    names = class_names("transfer", 4)
+    names = list(COLOURS)
 
-    def split(name: str, n: int) -> datasets.Dataset:
+    def split(seed: int, n: int) -> datasets.Dataset:
         rows = {"image": [], "label": []}
-        for c in range(4):
-            for i in range(n):
-                buf = io.BytesIO()
-                render_image("transfer", c, i, SIZE, 0, "train" if name == "train" else "val").save(buf, "JPEG")
-                rows["image"].append({"bytes": buf.getvalue(), "path": None})
-                rows["label"].append(c)
+        for wnid, _, im in _colour_images(seed, n):
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=90)
+            rows["image"].append({"bytes": buf.getvalue(), "path": None})
+            rows["label"].append(names.index(wnid))
         feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
         return datasets.Dataset.from_dict(rows, features=feats)
 
-    dd = datasets.DatasetDict({"train": split("train", n_per_class), "test": split("test", split_test)})
-    dd.save_to_disk(str(path))
+    datasets.DatasetDict({"train": split(1, n_per_class), "test": split(2, n_test)}).save_to_disk(str(path))
     return path
 
 
@@ -241,15 +265,16 @@ def _metrics(run: Path) -> dict:
 def test_finetune_one_process_learns_and_exports(tmp_path, repo_root, subprocess_env, transfer, pretrained):
     run = tmp_path / "run"
     res = _launch(repo_root, subprocess_env, _overrides(run, transfer, pretrained))
+    assert "seeded 2 of 4 classifier rows from the pretrained head (matched by wnid)" in res.stdout
     m = _metrics(run)
     assert m["step"] == 24 and m["num_classes"] == 4
     for w in ("raw", "ema"):
         assert m["results"][w]["images"] == 48
-    assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 40.0, m  # chance: 25 %
+    assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 60.0, m  # chance: 25 %
     assert "top-1" in res.stdout  # the printed table
     model, meta = model_from_export(run / "export")
     assert meta["architecture"]["num_classes"] == 4 and meta["source"]["weights"] == "ema"
-    assert [c["name"] for c in meta["classes"]][:1] == ["heart-solid"]
+    assert [c["wnid"] for c in meta["classes"]] == list(COLOURS)
     assert list((run / "tb").rglob("events.out.tfevents.*")), "no TensorBoard events"
 
 
@@ -260,9 +285,9 @@ def test_finetune_two_processes(tmp_path, repo_root, subprocess_env, transfer, p
     m = _metrics(run)
     assert m["step"] == 24
     assert m["results"]["raw"]["images"] == 48  # every test image once across the two processes
-    assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 40.0, m
+    assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 60.0, m
     ranks = sorted(p.name for p in (run / "checkpoints").glob("step-*/rank-*.pt"))
-    assert ranks == ["rank-00000.pt", "rank-00001.pt"] * 2
+    assert ranks == ["rank-00000.pt"] * 2 + ["rank-00001.pt"] * 2  # per-rank loader / RNG state, 2 checkpoints
 
 
 @pytest.mark.slow
@@ -294,5 +319,5 @@ def test_datasets_dataset_trains_without_shards(tmp_path, repo_root, subprocess_
         "data.train": "[]", "data.hf_dataset": str(ds), "data.hf_val_split": "test"}))
     m = _metrics(run)
     assert m["split"] == "test" and m["results"]["raw"]["images"] == 32
-    assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 40.0, m
+    assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 60.0, m
     assert not list(tmp_path.rglob("*.tar"))
