@@ -486,3 +486,35 @@ def test_mixing_and_multi_label_targets_resume_exactly(tmp_path):
         assert a["key"] == b["key"]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
     res.close()
+
+
+@pytest.mark.parametrize("cut", [2, 9])
+def test_resume_after_batch_size_changes_matches_uninterrupted(tmp_path, cut):
+    """Readers end unevenly after a micro-batch change; the restarted round-robin must follow the same order."""
+    root = tmp_path / "u"
+    write_shards(root, [5, 9, 4, 8, 7, 3])
+    cfg = cfg_for([root], workers=2)
+    plan = {3: stage(size=32, mbs=5, index=1), 7: stage(size=40, mbs=2, index=2)}  # at batch i: new stage
+
+    def run(n, start=0, ld=None):
+        ld = ld or loader(cfg, mbs=3)
+        out = []
+        for i in range(start, n):
+            if i in plan:
+                ld.set_stage(plan[i])
+            out.append(next(ld))
+        return ld, out
+
+    ref_ld, ref = run(16)
+    ref_ld.close()
+    ld, first = run(cut)
+    state = ld.state_dict()
+    ld.close()
+    res = loader(cfg, mbs=3)
+    current = max((i for i in plan if i < cut), default=None)
+    if current is not None:
+        res.set_stage(plan[current])  # the trainer sets the stage of the resumed step
+    res.load_state_dict(state)
+    _, rest = run(16, cut, res)
+    res.close()
+    assert [b["key"] for b in first + rest] == [b["key"] for b in ref]
