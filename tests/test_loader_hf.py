@@ -35,8 +35,8 @@ def hf_folder(tmp_path_factory):
 
     def part(n, off):
         return datasets.Dataset.from_dict(
-            {"img": [{"bytes": _png(off + i), "path": None} for i in range(n)], "fine": [(off + i) % 3 for i in range(n)],
-             "note": [f"s{off + i}" for i in range(n)]}, features=feats)
+            {"img": [{"bytes": _png(off + i), "path": None} for i in range(n)],
+             "fine": [(off + i) % 3 for i in range(n)], "note": [f"s{off + i}" for i in range(n)]}, features=feats)
 
     datasets.DatasetDict({"train": part(30, 0), "test": part(10, 100)}).save_to_disk(str(root))
     return root

@@ -87,8 +87,9 @@ class HFSource:
             col = self.dataset[label_column]
             flat = [x for v in col for x in (v if isinstance(v, list) else [v])]
             if not flat or not all(isinstance(x, (int, np.integer)) for x in flat):
-                raise DataError(f"data.hf_dataset {name}: column {label_column!r} holds {type(flat[0]).__name__ if flat else 'nothing'}, "
-                                "not integer class labels; set data.hf_label_column to a ClassLabel / integer column")
+                kind = type(flat[0]).__name__ if flat else "nothing"
+                raise DataError(f"data.hf_dataset {name}: column {label_column!r} holds {kind}, not integer class "
+                                "labels; set data.hf_label_column to a ClassLabel / integer column")
             self.num_classes = int(max(flat)) + 1
             self.classes = ()
         self._fingerprint = f"{getattr(dataset, '_fingerprint', '')}:{len(dataset)}:{image_column}:{label_column}"
