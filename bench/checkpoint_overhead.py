@@ -117,8 +117,9 @@ def main() -> None:
           f"ratio {med['should_stop'] / med['allreduce']:.2f}")
     print(f"                  local flag            {med['local'] * 1e6:8.2f} us/call")
     print(f"save              save_fn + barrier     {med['save_fn'] * 1e3:8.1f} ms")
-    print(f"                  CheckpointManager     {med['save'] * 1e3:8.1f} ms  ratio {med['save'] / med['save_fn']:.2f}"
-          f"  (+{(med['save'] - med['save_fn']) * 1e3:.1f} ms: RNG + rank file, marker, fsync, 3 barriers, pruning)")
+    print(f"                  CheckpointManager     {med['save'] * 1e3:8.1f} ms  "
+          f"ratio {med['save'] / med['save_fn']:.2f}  (+{(med['save'] - med['save_fn']) * 1e3:.1f} ms: "
+          "RNG + rank file, marker, fsync, 3 barriers, pruning)")
 
 
 if __name__ == "__main__":

@@ -13,15 +13,17 @@ trainer passes in (``engine.save``); collectives default to ``torch.distributed`
 
 Typical use in the trainer::
 
+    preempt = PreemptionHandler.from_config(cfg.checkpoint, rank=rank)   # first: a signal during start-up
     ckpt = CheckpointManager(cfg.checkpoint, run_dir, rank=rank, world_size=world, settings=frozen_settings(cfg))
     point = ckpt.resolve_resume()                       # None: start from scratch
     if point is not None:
+        log.info(point.message)
         if point.needs_universal:                       # saved on a different number of ranks
-            log.info(point.message)
-            engine.convert_to_universal(point.path, point.universal_path)
-        engine.load(point.directory, point.tag)
+            convert_to_universal(point.directory, point.tag, point.universal_path)
+            engine.load(point.universal_path.parent, point.universal_path.name)
+        else:
+            engine.load(point.directory, point.tag)
         state = ckpt.load_rank_state(point)             # restores this rank's RNG; None after a world change
-    preempt = PreemptionHandler.from_config(cfg.checkpoint, rank=rank)
     for step in range(start, total):
         ...one optimizer step...
         stop = preempt.should_stop()
