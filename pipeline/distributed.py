@@ -2,8 +2,8 @@
 
 Launchers announce a process's place in different environment variables:
 
-* torchrun and the deepspeed launcher: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (+ ``LOCAL_WORLD_SIZE``),
-  ``MASTER_ADDR``, ``MASTER_PORT``.
+* torchrun and the deepspeed launcher: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+  ``MASTER_PORT``, and ``LOCAL_WORLD_SIZE`` (torchrun) or ``LOCAL_SIZE`` (deepspeed).
 * ``srun`` (one task per GPU): ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS`` / ``SLURM_NTASKS``,
   ``SLURM_LOCALID``; the rendezvous host is the first node of the step's node list and the port is derived
   from the job id, so every task of a job computes the same values without talking to the others.
@@ -140,9 +140,11 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
-        local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else None
-        if local_world is None:
-            # the deepspeed launcher does not set LOCAL_WORLD_SIZE; a node's worth of ranks is the best guess
+        # torchrun: LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE
+        name = "LOCAL_WORLD_SIZE" if "LOCAL_WORLD_SIZE" in env else ("LOCAL_SIZE" if "LOCAL_SIZE" in env else None)
+        if name is not None:
+            local_world = _int(env, name)
+        else:
             local_world = torch.cuda.device_count() if torch.cuda.is_available() else world
             local_world = max(1, min(world, local_world))
         addr = env.get("MASTER_ADDR", "127.0.0.1")

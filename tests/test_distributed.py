@@ -25,6 +25,12 @@ def test_torchrun_variables():
     assert (env.master_addr, env.master_port, env.launcher, env.node_rank) == ("node7", 29411, "torchrun", 1)
 
 
+def test_deepspeed_launcher_variables():
+    env = D.detect_env({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_SIZE": "2",
+                        "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
+    assert (env.rank, env.local_rank, env.local_world_size, env.node_rank) == (2, 0, 2, 1)
+
+
 def test_torchrun_wins_over_slurm():
     # `srun torchrun ...`: SLURM describes the node task, torchrun the GPU process
     env = D.detect_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4",
