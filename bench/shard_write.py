@@ -12,6 +12,7 @@ the small copy, tar writing, fsync).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import shutil
@@ -49,9 +50,10 @@ def write_rate(src: Path, work: Path, repeat: int, workers: int, **image_opts) -
         out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
-        listing = open_source("imagefolder", str(src), SourceOptions())
-        info = write(listing, out, WriteOptions(plan=PlanOptions(shard_size=100), workers=workers, progress=False,
-                                                **image_opts))
+        with contextlib.redirect_stderr(io.StringIO()):  # the writer's own summary lines
+            listing = open_source("imagefolder", str(src), SourceOptions())
+            info = write(listing, out, WriteOptions(plan=PlanOptions(shard_size=100), workers=workers,
+                                                    progress=False, **image_opts))
         elapsed = time.perf_counter() - start
         best = max(best, sum(s["samples"] for s in info["splits"].values()) / elapsed)
     return best, info

@@ -44,8 +44,10 @@ def make_key(hint: str) -> str:
 def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     """(width, height) scaled so the longer side is max_side, aspect kept; unchanged if already within it.
 
-    The loader may use this rule to know the size of the stored `jpg` (max_side = options.max_side) and of
-    `jpg_small` (applied again with small_copy.max_side) from a sample's original `size`, without decoding.
+    The stored `jpg` of a sample follows this rule exactly (max_side = options.max_side), so a loader knows its
+    size from the sample's original `size`. `jpg_small` follows it with small_copy.max_side, except that a
+    copy may be up to 10% smaller when libjpeg's DCT scaling gets there without a resize (500x375 -> 250x188
+    for 256): read its size from its JPEG header.
     """
     if max_side <= 0 or max(width, height) <= max_side:
         return width, height

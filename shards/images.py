@@ -17,6 +17,10 @@ from .format import fit_size
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
+# jpg_small's longer side is --small-copy N, or down to SMALL_SLACK * N when libjpeg's DCT scaling gets there.
+SMALL_SLACK = 0.9
+
+
 class BadImage(Exception):
     """An image that cannot be used (zero bytes, undecodable, truncated); the message is the reason."""
 
@@ -62,7 +66,9 @@ def reduce_image(data: bytes, max_side: int = 512, quality: int = 90, small_side
 
     An RGB JPEG that already fits keeps its original bytes; anything else (too large, PNG / WebP, CMYK,
     grayscale, palette) is decoded, converted, downscaled (aspect kept) and re-encoded at `quality`.
-    Every image is fully decoded once, so truncated files are caught here rather than in training.
+    Every image is entropy-decoded in full once, so truncated files are caught here rather than in training.
+    `small_side` > 0 adds `small`, the image with its longer side at small_side (or down to SMALL_SLACK times
+    that, when DCT scaling gets there) for images larger than that.
     """
     if not data:
         raise BadImage("zero-byte file")
@@ -76,7 +82,10 @@ def reduce_image(data: bytes, max_side: int = 512, quality: int = 90, small_side
         # Decode only the pixels needed: the re-encoded size, or for a kept original just enough for the small
         # copy (or nothing beyond checking the data). libjpeg then scales by 1/2, 1/4 or 1/8 in the DCT, never
         # below the requested size; every coefficient is still entropy-decoded, so damaged data is still caught.
-        need = target if not keep_bytes else (small_size or (1, 1))
+        if keep_bytes:
+            need = fit_size(*target, int(small_side * SMALL_SLACK)) if small_size else (1, 1)
+        else:
+            need = target
         if fmt == "JPEG" and img.mode in ("RGB", "L") and need != (width, height):
             img.draft(img.mode, need)
         img.load()
@@ -97,8 +106,10 @@ def reduce_image(data: bytes, max_side: int = 512, quality: int = 90, small_side
             jpg = encode_jpeg(rgb, quality)
         small = None
         if small_size is not None:
-            small = encode_jpeg(rgb if rgb.size == small_size else rgb.resize(small_size, Image.Resampling.BICUBIC),
-                                quality)
+            # A DCT-scaled decode that already lands within the slack (500x375 at 1/2 -> 250x188 for 256) is
+            # used as is: no resize, which would cost more than the decode itself.
+            fits = small_side * SMALL_SLACK <= max(rgb.size) <= small_side
+            small = encode_jpeg(rgb if fits else rgb.resize(small_size, Image.Resampling.BICUBIC), quality)
     except (OSError, ValueError) as e:
         raise BadImage(f"cannot convert ({type(e).__name__}: {e})") from None
     return Reduced(jpg=jpg, size=(width, height), small=small)

@@ -166,6 +166,8 @@ def make_plan(listing: Listing, opts: PlanOptions, header: dict) -> Plan:
             tasks.append(ShardTask(split, index, shard_name(split, index), chunk))
     if not any(t.split == "train" for t in tasks):
         raise ShardError("no training images left after the validation split and class filters")
+    if not any(t.split == "val" for t in tasks):
+        notes.append("no validation split (pass --val-per-class N or --val-count N to hold one out)")
     return Plan(classes, tasks, _fingerprint(header, classes, tasks), notes)
 
 

@@ -374,7 +374,7 @@ def _list_imagefolder(src: Path, opts: SourceOptions) -> Listing:
 
 # ---------------------------------------------------------------------------------------------- hf datasets
 
-_HF_CACHE: dict[tuple, Any] = {}  # per process: opened datasets, keyed by ref[1]
+_HF_CACHE: dict[tuple, Any] = {}  # per process: opened datasets (by spec) and image-column views
 
 
 def _hf_spec(src: str, opts: SourceOptions) -> tuple:
@@ -441,8 +441,11 @@ def _hf_split(ds, split: str, spec: tuple):
 
 def _hf_read(ref: tuple) -> bytes:
     _, spec, split, column, row = ref
-    ds = _hf_split(_hf_open(spec), split, spec).with_format("arrow")
-    cell = ds[row].column(column)[0].as_py()
+    view = _HF_CACHE.get((spec, split, column))
+    if view is None:  # the image column alone, rows as arrow (no decoding), kept per process
+        view = _hf_split(_hf_open(spec), split, spec).select_columns([column]).with_format("arrow")
+        _HF_CACHE[(spec, split, column)] = view
+    cell = view[row].column(0)[0].as_py()
     if isinstance(cell, dict):  # an Image feature: {"bytes": ..., "path": ...}
         if cell.get("bytes"):
             return cell["bytes"]
@@ -489,7 +492,7 @@ def _list_hf(src: str, opts: SourceOptions) -> Listing:
                              lambda f: isinstance(f, datasets.Image), "image", where)
 
     def is_label(f):
-        return isinstance(f, datasets.ClassLabel) or isinstance(getattr(f, "feature", None), datasets.ClassLabel)
+        return isinstance(f, datasets.ClassLabel) or isinstance(_list_inner(f), datasets.ClassLabel)
 
     label_col = _pick_column(train, opts.label_column, "--label-column", is_label, "label (ClassLabel)", where)
     for _, name, ds in splits[1:]:
@@ -499,17 +502,16 @@ def _list_hf(src: str, opts: SourceOptions) -> Listing:
                                  f"{', '.join(ds.features)}); pass {flag}")
 
     feat = train.features[label_col]
-    inner = getattr(feat, "feature", None)
-    multi = not isinstance(feat, datasets.ClassLabel) and (
-        isinstance(inner, datasets.ClassLabel) or isinstance(feat, (datasets.List, datasets.Sequence)))
-    class_feat = feat if isinstance(feat, datasets.ClassLabel) else inner
+    inner = _list_inner(feat)
+    multi = inner is not None
+    class_feat = inner if multi else feat
     raw_labels = {name: ds[label_col] for _, name, ds in splits}
     if isinstance(class_feat, datasets.ClassLabel):
         classes = [ClassInfo(name=n) for n in class_feat.names]
         to_index = {i: i for i in range(len(classes))}
     else:  # plain int / string labels: classes are the sorted distinct values
         values = sorted({v for labels in raw_labels.values() for x in labels for v in (x if multi else [x])
-                         if v is not None}, key=lambda v: (str(type(v)), v))
+                         if v is not None and v != -1}, key=lambda v: (str(type(v)), v))
         if not values:
             raise ShardError(f"{where}: column {label_col!r} holds no labels")
         classes = [ClassInfo(name=str(v)) for v in values]
@@ -540,6 +542,17 @@ def _list_hf(src: str, opts: SourceOptions) -> Listing:
                            opts.hf_train_split, "val_split": val_split, "image_column": image_col,
                            "label_column": label_col},
                    name=re.sub(r"[^A-Za-z0-9_.-]+", "_", ident), multi_label=multi)
+
+
+def _list_inner(feature):
+    """The element feature of a list-valued feature (List / Sequence / LargeList / [feature]), else None."""
+    import datasets
+
+    if isinstance(feature, list):
+        return feature[0] if feature else None
+    kinds = tuple(t for t in (getattr(datasets, n, None) for n in ("List", "Sequence", "LargeList"))
+                  if isinstance(t, type))
+    return getattr(feature, "feature", None) if isinstance(feature, kinds) else None
 
 
 def _hf_sizes(ds, column: str) -> list[int]:

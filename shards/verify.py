@@ -249,8 +249,7 @@ def stats(out: str | Path, workers: int = 1, top: int = 5, progress: bool = Fals
     names = [c.get("wnid") or c["name"] for c in info["classes"]]
     result = {"name": info.get("name"), "path": str(out), "num_classes": info["num_classes"],
               "multi_label": info.get("multi_label", False), "small_copy": info.get("small_copy"),
-              "bad_samples": (out / BAD_NAME).is_file() and sum(
-                  1 for line in (out / BAD_NAME).read_text().splitlines() if line and not line.startswith("#")),
+              "bad_samples": sum(s.get("bad_samples", 0) for s in info["splits"].values()),
               "splits": {}, "errors": []}
     for split, s in info["splits"].items():
         paths = [str(out / e["name"]) for e in s["shards"]]
@@ -308,7 +307,7 @@ def format_stats(st: dict) -> str:
         extra = st["small_copy"]["extra_bytes"]
         lines.append(f"small copies (max side {st['small_copy']['max_side']}): +{extra / mib:.1f} MiB, "
                      f"{100 * extra / max(1, total - extra):.1f}% over the shards without them")
-    lines.append(f"bad samples skipped: {int(st['bad_samples'])}" +
+    lines.append(f"bad samples skipped: {st['bad_samples']}" +
                  (f" (listed in {BAD_NAME})" if st["bad_samples"] else ""))
     lines += [f"error: {e}" for e in st["errors"]]
     return "\n".join(lines)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards import demo
-from shards.cli import main
-from shards.format import read_info
+from shards import ShardError, demo
+from shards.cli import main, parse_shard_size
+from shards.format import fit_size, read_info
 
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
 NAMES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark",
@@ -288,10 +288,14 @@ def test_hf_multi_label(tmp_path):
 
 def test_small_copy_written_for_large_images_and_reported(tmp_path):
     src = tmp_path / "folder"
+    sources = {}
     for c in ("a", "b"):
         (src / c).mkdir(parents=True)
-        for i, size in enumerate([(200, 150), (40, 30), (150, 200)]):
-            (src / c / f"{i}.jpg").write_bytes(image_bytes(*size, seed=i + (10 if c == "b" else 0)))
+        # downscaled to 128 / no small copy (already small) / kept as is, with a small copy
+        for i, size in enumerate([(200, 150), (40, 30), (120, 90)]):
+            data = image_bytes(*size, seed=i + (10 if c == "b" else 0))
+            (src / c / f"{i}.jpg").write_bytes(data)
+            sources[f"{c}/{i}.jpg"] = data
     out = tmp_path / "out"
     assert run("write", "imagefolder", src, out, "--max-side", 128, "--small-copy", 48, "--workers", 1) == 0
     samples = read_samples(out)
@@ -300,13 +304,37 @@ def test_small_copy_written_for_large_images_and_reported(tmp_path):
         size = s["json"]["size"]
         if max(size) > 48:
             small = Image.open(io.BytesIO(s["jpg_small"]))
-            assert small.format == "JPEG" and small.mode == "RGB" and max(small.size) == 48
+            assert small.format == "JPEG" and small.mode == "RGB" and 0.9 * 48 <= max(small.size) <= 48
+            exact = fit_size(*fit_size(*size, 128), 48)
+            assert abs(small.size[0] / small.size[1] - exact[0] / exact[1]) < 0.05
             extra += len(s["jpg_small"])
         else:
             assert "jpg_small" not in s
+        if max(size) <= 128:
+            assert s["jpg"] == sources[s["json"]["id"]]
     info = read_info(out)
     assert info["small_copy"] == {"max_side": 48, "extra_bytes": extra, "samples": 4}
     assert run("verify", out) == 0
+
+
+def test_small_copy_of_a_photo_uses_dct_scaling():
+    from shards.images import reduce_image
+    from shards.photos import make_photo_jpegs
+
+    photo = make_photo_jpegs(1, seed=3)[0]
+    red = reduce_image(photo, max_side=512, quality=90, small_side=256)
+    assert red.jpg == photo and red.size == (500, 375)
+    assert Image.open(io.BytesIO(red.small)).size == (250, 188), "1/2 DCT scale, within 10% of 256: no resize"
+    red = reduce_image(photo, max_side=400, quality=90, small_side=256)
+    assert Image.open(io.BytesIO(red.jpg)).size == (400, 300)
+    assert Image.open(io.BytesIO(red.small)).size == (256, 192)
+
+
+def test_shard_size_parsing():
+    assert parse_shard_size("1000") == (1000, 0)
+    assert parse_shard_size("256MB") == (0, 256_000_000) and parse_shard_size("1GiB") == (0, 2**30)
+    with pytest.raises(ShardError, match="--shard-size"):
+        parse_shard_size("1.5")
 
 
 def test_class_filters_and_caps(tmp_path):
