@@ -144,23 +144,32 @@ def classify_init(path: Optional[str]) -> InitSource:
 
 
 def consolidate_deepspeed(src: InitSource, out_dir: Path, weights: str = "auto") -> Path:
-    """Turn a DeepSpeed checkpoint of a pretraining run into an export folder (EMA weights when present and
-    ``weights`` is 'auto' or 'ema'); returns out_dir."""
+    """Turn a DeepSpeed checkpoint of a pretraining run into an export folder; returns out_dir.
+
+    ``weights`` 'auto' takes the EMA weights when the run kept an EMA (its config.yaml says ema.enabled),
+    else the raw ones; 'ema' / 'raw' insist."""
     try:
         from pipeline.trainer import export_checkpoint
     except ImportError as e:  # the pretraining trainer is what knows its checkpoint layout
         raise FinetuneError(f"init={src.path}: consolidating a DeepSpeed checkpoint needs pipeline.trainer "
                             f"({e}); export it first with `python -m pipeline.export {src.run_dir} --ema "
                             f"--out DIR` and pass init=DIR") from None
-    order = {"auto": (True, False), "ema": (True,), "raw": (False,)}[weights]
-    last_err: Optional[Exception] = None
-    for ema in order:
+    from pipeline.config import load_config
+
+    cfg_file = Path(src.run_dir) / "config.yaml"
+    if not cfg_file.is_file():
+        raise FinetuneError(f"init={src.path}: {cfg_file} is missing, so this is not a pretraining run folder; "
+                            f"{_INIT_HELP}")
+    if weights == "auto":
         try:
-            export_checkpoint(src.run_dir, step=src.step, ema=ema, out_dir=out_dir)
-            return out_dir
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            last_err = e
-    raise FinetuneError(f"init={src.path}: cannot consolidate the checkpoint: {last_err}") from None
+            weights = "ema" if load_config(cfg_file, base=None).ema.enabled else "raw"
+        except ConfigError as e:
+            raise FinetuneError(f"init={src.path}: cannot read the run's config ({e})") from None
+    try:
+        export_checkpoint(src.run_dir, step=src.step, ema=weights == "ema", out_dir=out_dir)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise FinetuneError(f"init={src.path}: cannot consolidate the checkpoint: {e}") from None
+    return out_dir
 
 
 def load_init(src: InitSource, *, weights: str = "auto") -> InitWeights:

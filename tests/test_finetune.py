@@ -18,6 +18,7 @@ from pipeline.export import load_export, model_from_export, save_export
 from pipeline.models import create_model, to_timm_state_dict
 
 PY = sys.executable
+REPO = Path(__file__).resolve().parent.parent
 MODEL = "efficientnetv2_test"
 SIZE = 48  # image side of the tiny runs
 
@@ -261,10 +262,40 @@ def _metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def module_env():
+    """conftest's subprocess_env for module-scoped runs (that fixture is per test)."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["DS_ACCELERATOR"] = "cpu"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, module_env, transfer, pretrained):
+    """One uninterrupted single-process run from the "21k" export (checkpoints at steps 12 and 24)."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    res = _launch(REPO, module_env, _overrides(run, transfer, pretrained))
+    return run, res
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(tmp_path_factory, module_env, transfer) -> Path:
+    """A 3-step DeepSpeed (ZeRO-2, CPU) pretraining run of the tiny model on the colour shards, with EMA."""
+    run = tmp_path_factory.mktemp("pretrain") / "run"
+    cmd = [PY, "-m", "pipeline.pretrain", "--config", "configs/pretrain/tiny_cpu.yaml", f"data.train=[{transfer}]",
+           f"train.run_dir={run}", "train.total_steps=3", "progressive.num_stages=1", "ema.enabled=true"]
+    res = subprocess.run(cmd, cwd=REPO, env=module_env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return run
+
+
 @pytest.mark.slow
-def test_finetune_one_process_learns_and_exports(tmp_path, repo_root, subprocess_env, transfer, pretrained):
-    run = tmp_path / "run"
-    res = _launch(repo_root, subprocess_env, _overrides(run, transfer, pretrained))
+def test_finetune_one_process_learns_and_exports(full_run):
+    run, res = full_run
     assert "seeded 2 of 4 classifier rows from the pretrained head (matched by wnid)" in res.stdout
     m = _metrics(run)
     assert m["step"] == 24 and m["num_classes"] == 4
@@ -279,23 +310,10 @@ def test_finetune_one_process_learns_and_exports(tmp_path, repo_root, subprocess
 
 
 @pytest.mark.slow
-def test_finetune_two_processes(tmp_path, repo_root, subprocess_env, transfer, pretrained):
-    run = tmp_path / "run"
-    _launch(repo_root, subprocess_env, _overrides(run, transfer, pretrained), processes=2)
-    m = _metrics(run)
-    assert m["step"] == 24
-    assert m["results"]["raw"]["images"] == 48  # every test image once across the two processes
-    assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 60.0, m
-    ranks = sorted(p.name for p in (run / "checkpoints").glob("step-*/rank-*.pt"))
-    assert ranks == ["rank-00000.pt"] * 2 + ["rank-00001.pt"] * 2  # per-rank loader / RNG state, 2 checkpoints
-
-
-@pytest.mark.slow
-def test_resume_continues_from_saved_step(tmp_path, repo_root, subprocess_env, transfer, pretrained):
+def test_resume_continues_from_saved_step(tmp_path, repo_root, subprocess_env, transfer, pretrained, full_run):
     """A run interrupted after its step-12 checkpoint (the step-24 one only half written) resumes at step 12
     and ends with exactly the weights of the uninterrupted run."""
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    _launch(repo_root, subprocess_env, _overrides(full, transfer, pretrained))
+    full, cut = full_run[0], tmp_path / "cut"
     (cut / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-00000012", cut / "checkpoints" / "step-00000012")
     partial = cut / "checkpoints" / "step-00000024"
@@ -309,6 +327,44 @@ def test_resume_continues_from_saved_step(tmp_path, repo_root, subprocess_env, t
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert _metrics(cut)["results"] == _metrics(full)["results"]
+
+
+@pytest.mark.slow
+def test_init_from_deepspeed_checkpoint_equals_its_export(tmp_path, pretrain_run, capsys):
+    from pipeline.trainer import export_checkpoint
+
+    export = export_checkpoint(pretrain_run, ema=True, out_dir=tmp_path / "export")
+    target = fl.normalize_classes([{"index": i, "wnid": w, "name": w} for i, w in enumerate(COLOURS)])
+    models = []
+    for path in (pretrain_run, pretrain_run / "checkpoints" / "step-00000003", export):
+        src = fl.classify_init(str(path))
+        if src.kind == "deepspeed":  # what the fine-tuning main process does, EMA weights preferred
+            src = fl.InitSource("export", fl.consolidate_deepspeed(src, tmp_path / f"c{len(models)}"))
+        init = fl.load_init(src)
+        assert init.weights == "ema"
+        models.append(fl.build_model(init, ModelConfig(name=MODEL), target, head_seed=True).state_dict())
+    assert capsys.readouterr().out.count("seeded 4 of 4 classifier rows") == 3
+    for other in models[1:]:
+        assert other.keys() == models[0].keys()
+        for k in models[0]:
+            assert torch.equal(models[0][k], other[k]), k
+
+
+@pytest.mark.slow
+def test_finetune_two_processes_from_deepspeed_checkpoint(tmp_path, repo_root, subprocess_env, transfer,
+                                                          pretrain_run):
+    run = tmp_path / "run"
+    res = _launch(repo_root, subprocess_env, _overrides(run, transfer, pretrain_run / "checkpoints" /
+                                                        "step-00000003"), processes=2)
+    assert "seeded 4 of 4 classifier rows" in res.stdout
+    m = _metrics(run)
+    assert m["step"] == 24 and m["init_kind"] == "deepspeed"
+    assert m["results"]["raw"]["images"] == 48  # every test image once across the two processes
+    assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 60.0, m
+    ranks = sorted(p.name for p in (run / "checkpoints").glob("step-*/rank-*.pt"))
+    assert ranks == ["rank-00000.pt"] * 2 + ["rank-00001.pt"] * 2  # per-rank loader / RNG state, 2 checkpoints
+    _, meta = load_export(run / "init_export")  # consolidated once, by the main process
+    assert meta["source"]["weights"] == "ema" and meta["source"]["step"] == 3
 
 
 @pytest.mark.slow
