@@ -180,7 +180,7 @@ def load_split(root: str, split: str, *, check_files: bool = True) -> SplitIndex
     declared = entry.get("samples")
     if isinstance(declared, int) and declared != sum(counts):
         raise DataError(f"{path}: splits.{split}.samples is {declared} but its shards hold {sum(counts)}; the file "
-                        "is inconsistent: rewrite (or re-index) the shards")
+                        "is inconsistent: rewrite the shards")
     if not urls:
         raise DataError(f"{path}: split {split!r} has no samples; write shards with `{WRITE_HINT}`")
     if check_files:
