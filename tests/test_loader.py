@@ -394,8 +394,16 @@ def test_weighted_datasets_interleave_deterministically(tmp_path):
     assert 8 < n_small < 32  # about half of 40, and the small set (8) repeats
     # labels of the small set are mapped by wnid into the big set's classes
     c = loader(cfg_for([tmp_path / "big", tmp_path / "small"], workers=0, train_weights=[0.0, 1.0]), mbs=4)
-    batch = next(c)
-    assert set(batch["target"].argmax(1).tolist()) <= {4, 1}
+    batches = take(c, 6)  # 24 draws of the small set's 8 samples: each comes several times
+    assert set(torch.cat([b["target"] for b in batches]).argmax(1).tolist()) <= {4, 1}
+    first_image = {}
+    repeats_differ = []
+    for b in batches:
+        for k, im in zip(b["key"], b["image"]):
+            if k in first_image:
+                repeats_differ.append(not torch.equal(first_image[k], im))
+            first_image.setdefault(k, im)
+    assert repeats_differ and all(repeats_differ)  # a repeat gets a fresh augmentation
     # without weights: one pass over both, nothing twice
     d = loader(cfg_for([tmp_path / "big", tmp_path / "small"], workers=0), mbs=4)
     keys = keys_of(one_epoch(d))

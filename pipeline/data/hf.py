@@ -159,7 +159,7 @@ class IndexStream:
             raise StopIteration
         i = int(self.indices[self.delivered])
         self.delivered += 1
-        address = (0, 0, i, 0)
+        address = (0, 0, i, 0, 0)
         return address, (self.fetch(address) if (load and self.fetch is not None) else None)
 
     def skip(self, n: int) -> None:
@@ -167,7 +167,7 @@ class IndexStream:
 
     def peek_contents(self) -> Iterator:
         for j in range(self.delivered, min(self.quota, self.delivered + 64)):
-            address = (0, 0, int(self.indices[j]), 0)
+            address = (0, 0, int(self.indices[j]), 0, 0)
             yield address, self.fetch(address)
 
 

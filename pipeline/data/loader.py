@@ -72,8 +72,8 @@ class _Same:
         return self.obj
 
 
-def _hf_addresses(start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
-    return ((0, 0, i, 0) for i in range(start, stop))
+def _hf_addresses(start: int, stop: int) -> Iterator[tuple]:
+    return ((0, 0, i, 0, 0) for i in range(start, stop))
 
 
 @dataclass
@@ -239,7 +239,7 @@ class _TrainReaders(IterableDataset):
         d = address[0]
         try:
             labels = _parse_labels(content, self.multi_label[d], self.label_maps[d], self.num_classes)
-            s = sample_seed(self.sample_base, key)
+            s = sample_seed(self.sample_base, key if not address[4] else f"{key}#{address[4]}")
             random.seed(s)
             torch.default_generator.manual_seed(s)
             image = self.transform(content)

@@ -2,8 +2,9 @@
 
 Vocabulary. A *reader* is one (rank, worker) pair; ``slot = rank * workers + worker`` with ``workers >= 1`` (a
 loader without worker processes is one reader per rank). An *address* names one sample without reading it:
-``(dataset, instance, shard, member)`` where ``instance`` counts the shards a reader has opened for that
-dataset (a shard may come back in a later pass) and ``member`` is the sample's position inside its tar.
+``(dataset, instance, shard, member, occurrence)`` where ``instance`` counts the shards a reader has opened for that
+dataset (a shard may come back in a later pass), ``member`` is the sample's position inside its tar, and
+``occurrence`` separates repeats of a sample within an epoch (their augmentation differs).
 
 The key property: the sequence of addresses a reader delivers in an epoch is a pure function of (seed, epoch,
 world size, workers, slot) and of the per-shard sample counts in info.json, never of file contents. Shard
@@ -34,6 +35,12 @@ FORMAT = "effnetv2-shards"
 SUPPORTED_VERSIONS = (1,)
 INFO_NAME = "info.json"
 WRITE_HINT = "python -m shards write KIND SRC OUT"
+
+
+# (dataset, instance, shard, member, occurrence): instance counts the shards a reader opened for the dataset;
+# occurrence tells repeats of a sample within an epoch apart (the pass, or the draw when resampling), so a
+# repeated sample gets a fresh augmentation
+Address = tuple[int, int, int, int, int]
 
 
 class DataError(RuntimeError):
@@ -344,7 +351,7 @@ class TrainPlan:
         return stable_seed(*parts)
 
     def _substream(self, epoch: int, d: int, rank: int, worker: int, slot: int,
-                   infinite: bool) -> Iterator[tuple[int, int, int, int]]:
+                   infinite: bool) -> Iterator[Address]:
         """Addresses of one dataset for one reader, in read order."""
         ds = self.datasets[d]
         instance = 0
@@ -353,7 +360,7 @@ class TrainPlan:
             while True:
                 j = rng.randrange(ds.num_shards)
                 for m in range(ds.counts[j]):
-                    yield (d, instance, j, m)
+                    yield (d, instance, j, m, instance)  # every draw is a new occurrence
                 instance += 1
         passno = 0
         while True:
@@ -361,17 +368,17 @@ class TrainPlan:
             for j in self.shard_split(epoch, d, passno)[rank][worker]:
                 if mask is None:
                     for m in range(ds.counts[j]):
-                        yield (d, instance, j, m)
+                        yield (d, instance, j, m, passno)
                 else:
                     off = ds.offsets[j]
                     for m in np.flatnonzero(~mask[off: off + ds.counts[j]]).tolist():
-                        yield (d, instance, j, m)
+                        yield (d, instance, j, m, passno)
                 instance += 1
             if not infinite:
                 return
             passno += 1
 
-    def addresses(self, epoch: int, rank: int, worker: int) -> Iterator[tuple[int, int, int, int]]:
+    def addresses(self, epoch: int, rank: int, worker: int) -> Iterator[Address]:
         """A reader's input addresses (before the shuffle buffer) for an epoch; may run past the quota."""
         slot = rank * self.workers + worker
         n = len(self.datasets)
@@ -400,9 +407,9 @@ class TrainPlan:
         while True:
             yield next(subs[bisect.bisect_right(cum, rng.random())])
 
-    def global_index(self, address: tuple[int, int, int, int]) -> tuple[int, int]:
+    def global_index(self, address: Address) -> tuple[int, int]:
         """(dataset, index of the sample within the dataset's split)."""
-        d, _, shard, member = address
+        d, _, shard, member, _ = address
         return d, self.datasets[d].offsets[shard] + member
 
     def stream(self, epoch: int, rank: int, worker: int, fetch=None) -> "ShuffleStream":
@@ -410,7 +417,7 @@ class TrainPlan:
         return ShuffleStream(self.addresses(epoch, rank, worker), self.shuffle_buffer,
                              random.Random(self._seed("shuffle", epoch, slot)), self.quota(epoch), fetch)
 
-    def delivered(self, epoch: int, rank: int, worker: int, count: int) -> Iterator[tuple[int, int, int, int]]:
+    def delivered(self, epoch: int, rank: int, worker: int, count: int) -> Iterator[Address]:
         """The first ``count`` addresses a reader delivered (no file access); for seen-sample bookkeeping."""
         s = self.stream(epoch, rank, worker)
         for _ in range(min(count, s.quota)):
@@ -618,8 +625,8 @@ class DatasetReaders:
     def __init__(self, datasets: Sequence[SplitIndex]):
         self.readers = [ShardReader(d) for d in datasets]
 
-    def __call__(self, address: tuple[int, int, int, int]):
-        d, instance, shard, member = address
+    def __call__(self, address: Address):
+        d, instance, shard, member, _ = address
         return self.readers[d].get(instance, shard, member)
 
     @property
@@ -639,13 +646,13 @@ def eval_ranges(total: int, readers: int) -> list[tuple[int, int]]:
     return [(total * s // readers, total * (s + 1) // readers) for s in range(readers)]
 
 
-def eval_addresses(split: SplitIndex, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+def eval_addresses(split: SplitIndex, start: int, stop: int) -> Iterator[Address]:
     """Addresses of global samples [start, stop) in info.json order (dataset 0; instance = shard index)."""
     j = int(np.searchsorted(split.offsets, start, side="right")) - 1
     g = start
     while g < stop and j < split.num_shards:
         off, n = split.offsets[j], split.counts[j]
         for m in range(g - off, min(n, stop - off)):
-            yield (0, j, j, m)
+            yield (0, j, j, m, 0)
         g = off + n
         j += 1
