@@ -52,6 +52,10 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+def _load_rank_file(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -74,6 +78,8 @@ class Trainer:
         self.run_dir = Path(t.run_dir)
         self.rank, self.world_size = init_distributed(t.collective_timeout_s)
         self.is_main = self.rank == 0
+        # first, so that a preemption warning during start-up (loading, conversion) is not fatal
+        self.preempt = PreemptionHandler.from_config(cfg.checkpoint, rank=self.rank)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
@@ -120,7 +126,6 @@ class Trainer:
         self.stage: Optional[Stage] = None
         self.samples_seen = 0  # global images consumed by optimizer steps
         self.eval_results: dict = {}
-        self.preempt = PreemptionHandler.from_config(cfg.checkpoint, rank=self.rank)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, total_steps=self.total_steps,
                                     start_step=self.step)
         self.accounting = StageAccounting()
@@ -153,8 +158,11 @@ class Trainer:
             self.engine.load(point.universal_path.parent, point.universal_path.name)
         else:
             self.engine.load(point.directory, point.tag)
-        states = self.ckpt.load_all_rank_states(point)
         mine = self.ckpt.load_rank_state(point)  # restores this rank's RNG states (same world size only)
+        if mine is None:  # another world size: the per-rank states are re-split below
+            states = self.ckpt.load_all_rank_states(point)
+        else:  # rank 0's file holds the unsharded EMA; reading only it and ours keeps a resume O(ranks)
+            states = [mine if self.rank == 0 else _load_rank_file(self.ckpt.rank_file(point.path, 0))]
         trainer_state = states[0]["trainer"]
         if trainer_state.get("version") != TRAINER_STATE_VERSION:
             raise ConfigError(f"{point.path}: trainer state version {trainer_state.get('version')} is not "
@@ -177,8 +185,10 @@ class Trainer:
             "trainer": {"version": TRAINER_STATE_VERSION, "step": self.step, "samples_seen": self.samples_seen},
             "loader": self.loader.state_dict(),
         }
-        if self.ema is not None and (self.ema.sharded or self.is_main):
-            rank_state["ema"] = self.ema.state_dict()
+        if self.ema is not None:
+            self.ema.sync_buffers()  # the EMA of BN statistics, like the statistics, the same on every rank
+            if self.ema.sharded or self.is_main:
+                rank_state["ema"] = self.ema.state_dict()
         client = {"step": self.step, "samples_seen": self.samples_seen}
         self.ckpt.save(self.step, lambda d, tag: self.engine.save(d, tag, client), rank_state,
                        extra={"stage": self.schedule.stage_at(max(self.step - 1, 0)).index,
