@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,10 +43,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         Finetune(cfg).run()
     except _user_errors() as e:
         # One line per job, not one per rank: every rank hits the same input error.
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _launch_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _launch_rank() -> int:
+    """This process's rank as the launcher (torchrun, accelerate, srun) announced it; no process group needed."""
+    from pipeline.distributed import DistributedError, detect_env
+
+    try:
+        return detect_env().rank
+    except DistributedError:
+        return 0
 
 
 class Finetune:
@@ -69,7 +78,7 @@ class Finetune:
 
     @staticmethod
     def _log_early(msg: str) -> None:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _launch_rank() == 0:
             print(msg, flush=True)
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -203,13 +212,13 @@ class Finetune:
         self.log(self.schedule.format_table(cfg.train.global_batch_size))
         bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", dynamic_ncols=True,
                    disable=not acc.is_main_process, mininterval=1.0)
-        self._enter_stage(self.schedule.stage_at(self.start_step), force=True)
+        self._enter_stage(self.schedule.stage_at(self.start_step), self.start_step, force=True)
         t0, done, stopped = time.perf_counter(), self.start_step, False
         try:
             for step in range(self.start_step, self.total_steps):
                 stage = self.schedule.stage_at(step)
                 if stage.index != self.stage.index:
-                    self._enter_stage(stage)
+                    self._enter_stage(stage, step)
                 loss, lr = self._train_step(step)
                 done = step + 1
                 if done % cfg.train.log_every == 0 or done == self.total_steps:
@@ -244,7 +253,7 @@ class Finetune:
         acc.end_training()
         return metrics
 
-    def _enter_stage(self, stage, force: bool = False) -> None:
+    def _enter_stage(self, stage, step: int, force: bool = False) -> None:
         """Apply a stage: its dropout / drop-path on the model and its transforms / micro-batch in the loader."""
         if force or stage.index != self.stage.index:
             self.stage = stage
@@ -254,6 +263,9 @@ class Finetune:
             self.log(f"stage {stage.index}: {stage.image_size}px, RandAugment {stage.randaug:g}, mixup "
                      f"{stage.mixup:g}, cutmix {stage.cutmix:g}, dropout {stage.dropout:g}, "
                      f"{self._micro(stage)} x {self.world} x {self.accum} images per step")
+            self.acc.log({"stage/index": stage.index, "stage/image_size": stage.image_size,
+                          "stage/randaug": stage.randaug, "stage/mixup": stage.mixup, "stage/cutmix": stage.cutmix,
+                          "stage/dropout": stage.dropout}, step=step)
 
     def _at_boundary(self, done: int) -> bool:
         return done < self.total_steps and self.schedule.stage_at(done).index != self.stage.index

@@ -377,3 +377,37 @@ def test_datasets_dataset_trains_without_shards(tmp_path, repo_root, subprocess_
     assert m["split"] == "test" and m["results"]["raw"]["images"] == 32
     assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 60.0, m
     assert not list(tmp_path.rglob("*.tar"))
+
+
+@pytest.mark.slow
+def test_preemption_signal_saves_and_exits_zero(tmp_path, module_env, transfer, pretrained):
+    """SIGUSR1 (SLURM's warning before the time limit) mid-run: checkpoint at the next step, exit 0, and the
+    checkpoint is one a rerun resumes from."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [PY, "-m", "pipeline.finetune", "--config", "configs/finetune/demo.yaml",
+           *_overrides(run, transfer, pretrained, **{"train.total_steps": 5000, "checkpoint.every_steps": 0})]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(module_env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = []
+    try:
+        for line in proc.stdout:  # the handler is installed before the stage line is printed
+            out.append(line)
+            if "stage 0:" in line:
+                time.sleep(1.0)
+                proc.send_signal(signal.SIGUSR1)
+                break
+        out.append(proc.communicate(timeout=120)[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(out)
+    assert proc.returncode == 0, text[-4000:]
+    assert "preempted: checkpoint at step" in text
+    from pipeline.checkpoint import list_checkpoints
+
+    done = list_checkpoints(run)
+    assert len(done) == 1 and 0 < done[0].step < 5000
+    assert not (run / "metrics.json").exists()
