@@ -1,0 +1,72 @@
+"""BatchNorm across ranks: average the running statistics, or convert to SyncBatchNorm.
+
+Data-parallel training (DeepSpeed ZeRO included) broadcasts parameters at start-up and keeps them equal,
+but every rank updates its BN running mean / var from its own batches, so the ranks drift apart. Before
+evaluating or saving, :func:`average_bn_stats` makes every rank hold the mean of all ranks' statistics
+(what a checkpoint saved from rank 0 then records for everyone). ``train.sync_bn`` instead normalises with
+the statistics of the global batch (:func:`convert_sync_bn`), which costs an all-reduce per BN layer in
+every forward and needs GPUs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from pipeline.config import ConfigError
+
+__all__ = ["average_bn_stats", "bn_stat_tensors", "convert_sync_bn"]
+
+
+def bn_stat_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The running mean / var tensors of every BatchNorm layer (SyncBatchNorm included), in module order."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None:
+            out.extend([m.running_mean, m.running_var])
+    return out
+
+
+@torch.no_grad()
+def average_bn_stats(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> int:
+    """All-reduce mean of every BN running mean and var, so that every rank holds the same statistics.
+
+    Collective: every rank of ``group`` must call it. ``num_batches_tracked`` is left alone (it is the same
+    on every rank: every rank takes the same number of steps). One all-reduce per dtype. Returns the number
+    of tensors averaged; a no-op (returns 0) without an initialised process group or with one rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    world = dist.get_world_size(group)
+    stats = bn_stat_tensors(model)
+    if world == 1 or not stats:
+        return 0
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in stats:
+        by_dtype.setdefault((t.dtype, t.device), []).append(t)
+    for tensors in by_dtype.values():
+        # average in float32 even when the buffers are bf16 (bf16_weights mode), then write back
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return len(stats)
+
+
+def convert_sync_bn(model: nn.Module, *, device_type: str, group: Optional[dist.ProcessGroup] = None) -> nn.Module:
+    """Replace every BatchNorm layer by SyncBatchNorm (weights and statistics kept); returns the model.
+
+    Call before the engine / optimizer are built. torch's SyncBatchNorm has no CPU kernel: with more than
+    one rank on CPU it would fail at the first training forward, so that case is refused here.
+    """
+    if device_type == "cpu" and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        raise ConfigError("train.sync_bn=true needs GPUs: torch's SyncBatchNorm has no CPU implementation. Set "
+                          "train.sync_bn=false (BN statistics are then averaged across ranks before eval and save)")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)

@@ -1,0 +1,595 @@
+"""The DeepSpeed engine: its config generated from ours, training steps, checkpoints, universal conversion.
+
+This is the only module that imports DeepSpeed. Everything DeepSpeed needs comes from the typed config
+(one source of truth): batch sizes and accumulation from ``train``, clipping from ``optim``, the ZeRO stage
+and precision from ``train``; the ``deepspeed:`` section of a run config is deep-merged on top for anything
+else (offload, ZeRO++, bucket sizes ...).
+
+The optimizer is ours (:func:`pipeline.optim.build_optimizer`, passed as a client optimizer) and so is the
+learning rate: the trainer calls :meth:`Engine.set_lr` with ``lr_at(step)`` before each optimizer step; no
+DeepSpeed scheduler exists.
+
+Gradient accumulation is driven explicitly. DeepSpeed decides the accumulation boundary from its
+micro-step counter modulo ``gradient_accumulation_steps``, which goes wrong the moment the accumulation
+changes between progressive-learning stages (after 8 micro-steps at 4 per step, a new value of 3 would
+put the next boundary after one micro-batch). So :class:`Engine` counts the micro-batches of the current
+optimizer step itself and tells DeepSpeed before every backward whether it is the boundary
+(``set_gradient_accumulation_boundary``); DeepSpeed's ``gradient_accumulation_steps`` (which scales the
+loss in ``backward``) and micro-batch size are changed live with its public setters
+(:meth:`Engine.set_micro_batch_size`), always at a step boundary, keeping the global batch.
+
+One optimizer step, with any accumulation::
+
+    for _ in range(engine.grad_accum_steps):
+        loss = criterion(engine(images), targets)
+        engine.backward(loss)
+        stepped = engine.step()          # True after the last micro-batch: the optimizer stepped
+
+Precision: 'auto' is bf16 autocast on GPU (DeepSpeed's ``torch_autocast`` section: weights, BatchNorm
+and optimizer in fp32, matmuls / convolutions in bf16, gradients reduced in fp32) and fp32 on CPU;
+'bf16' forces autocast; 'bf16_weights' is DeepSpeed's ``bf16`` mode (bf16 weights, fp32 master copy).
+
+Checkpoints: :meth:`Engine.save` / :meth:`Engine.load` wrap DeepSpeed's, with the
+``universal_checkpoint_info`` that :func:`convert_to_universal` needs to re-shard a checkpoint for another
+number of ranks. :func:`consolidate_fp32_state_dict` turns any checkpoint into one fp32 state dict.
+
+Command line (rank 0 of a finished run, or by hand)::
+
+    python -m pipeline.engine to-universal RUN/checkpoints step-00000500 [--out RUN/checkpoints/step-00000500_universal]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import glob
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, ContextManager, Iterable, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.config import ConfigError, OptimConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Engine", "accumulation_steps", "build_ds_config", "consolidate_fp32_state_dict", "convert_to_universal",
+    "init_distributed", "is_universal_checkpoint", "saved_world_size", "saved_zero_stage",
+]
+
+UNIVERSAL_CHECKPOINT_INFO = {"universal_checkpoint_version": 0.2}
+# DeepSpeed prints a progress line every steps_per_print steps; our metrics module does the logging.
+_NEVER = 10 ** 15
+# Gradient elements per ZeRO reduction bucket (see build_ds_config).
+DEFAULT_REDUCE_BUCKET = 25_000_000
+
+
+def _deepspeed():
+    """Import DeepSpeed lazily: importing it costs seconds and probes the accelerator, which tools that only
+    build configs (tests, config printing) do not need."""
+    import deepspeed  # noqa: PLC0415
+
+    return deepspeed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config
+
+
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int,
+                       micro_key: str = "train.micro_batch_size") -> int:
+    """global = micro x accumulation x world; refuses (naming the keys, suggesting values) when it does not
+    divide."""
+    if global_batch_size <= 0 or micro_batch_size <= 0 or world_size <= 0:
+        raise ConfigError(f"train.global_batch_size ({global_batch_size}), {micro_key} ({micro_batch_size}) and "
+                          f"the world size ({world_size}) must be positive")
+    per_rank, rem = divmod(global_batch_size, world_size)
+    if rem:
+        lo = global_batch_size - rem
+        raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by the {world_size} ranks; "
+                          f"use a multiple of {world_size} (e.g. {lo or world_size} or {lo + world_size})")
+    if per_rank % micro_batch_size:
+        divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+        near = sorted(divisors, key=lambda d: (abs(d - micro_batch_size), -d))[:2]
+        unit = micro_batch_size * world_size
+        lo = (global_batch_size // unit) * unit
+        options = [v for v in (lo, lo + unit) if v > 0]
+        raise ConfigError(
+            f"train.global_batch_size={global_batch_size} is not divisible by {micro_key}={micro_batch_size} x "
+            f"{world_size} ranks = {unit}: each rank's {per_rank} samples per step must be a whole number of "
+            f"micro-batches. Use {micro_key} in {sorted(near)} (divisors of {per_rank}), or "
+            f"train.global_batch_size in {options}")
+    return per_rank // micro_batch_size
+
+
+def _deep_merge(base: dict, extra: Mapping, path: str = "deepspeed") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value, f"{path}.{key}")
+        else:
+            out[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
+    return out
+
+
+# Keys our sections own; the deepspeed: pass-through section may not set them.
+_RESERVED = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / train.micro_batch_size",
+    "gradient_clipping": "optim.clip_grad_norm",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "optimizer": "optim.*",
+    "scheduler": "optim.schedule",
+}
+
+
+def build_ds_config(train: TrainConfig, optim: OptimConfig, passthrough: Optional[Mapping[str, Any]] = None, *,
+                    micro_batch_size: int, world_size: int, device_type: str,
+                    load_universal: bool = False) -> dict:
+    """The DeepSpeed config dict for this run.
+
+    Args:
+        train, optim: their config sections (batch sizes, ZeRO stage, precision; clipping).
+        passthrough: the run config's ``deepspeed:`` section, deep-merged last (it may not set the keys above).
+        micro_batch_size: per-rank micro-batch of the current stage (train.micro_batch_size or the stage's).
+        world_size: number of data-parallel ranks.
+        device_type: 'cuda' or 'cpu' (decides what precision 'auto' means).
+        load_universal: the engine will load a universal checkpoint (a run resumed on another rank count).
+    """
+    passthrough = dict(passthrough or {})
+    clash = sorted(set(passthrough) & set(_RESERVED))
+    if clash:
+        raise ConfigError("deepspeed: " + "; ".join(f"'{k}' comes from {_RESERVED[k]}" for k in clash)
+                          + " (one source of truth); remove it from the deepspeed: section")
+    stage = passthrough.get("zero_optimization", {}).get("stage", train.zero_stage)
+    if stage != train.zero_stage:
+        raise ConfigError(f"deepspeed.zero_optimization.stage={stage} disagrees with train.zero_stage="
+                          f"{train.zero_stage}; set train.zero_stage only")
+    if train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage: {train.zero_stage} is not 0, 1, 2 or 3")
+    if optim.name == "lamb" and train.zero_stage > 0:
+        raise ConfigError("optim.name=lamb with train.zero_stage>0: LAMB scales each weight tensor by its own "
+                          "trust ratio, but ZeRO hands the optimizer one flat partition per param group, which "
+                          "would silently change the algorithm. Use train.zero_stage=0, or optim.name=adamw / "
+                          "rmsprop_tf")
+    if optim.clip_grad_norm < 0:
+        raise ConfigError(f"optim.clip_grad_norm: must be >= 0 (0 disables), got {optim.clip_grad_norm}")
+    gas = accumulation_steps(train.global_batch_size, micro_batch_size, world_size)
+
+    cfg: dict[str, Any] = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": float(optim.clip_grad_norm),
+        "zero_optimization": {"stage": train.zero_stage},
+        "steps_per_print": _NEVER,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+        # our optimizers (RMSpropTF, Lamb, torch AdamW) are not on DeepSpeed's tested list; ZeRO only
+        # partitions and reduces around them, which works for any torch optimizer
+        "zero_allow_untested_optimizer": True,
+        # with optimizer offload DeepSpeed would insist on its own CPU Adam; ours run on CPU too
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    if train.zero_stage > 0:
+        # DeepSpeed's default bucket (5e8 elements) is sized for LLM layers: with fp32 gradients it is a 1.9 GiB
+        # buffer (ZeRO-3 keeps it allocated, ZeRO-1/2 allocate one or two per backward), more than all model
+        # states of EfficientNetV2-S (bench/zero_memory.py). 2.5e7 elements = 95 MiB still reduces a whole
+        # S / M gradient partition in a few calls.
+        cfg["zero_optimization"]["reduce_bucket_size"] = DEFAULT_REDUCE_BUCKET
+    precision = train.precision
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    if precision == "bf16":
+        # autocast-style mixed precision: weights, BN and optimizer in fp32. An empty
+        # lower_precision_safe_modules keeps gradient reduction in fp32 (DeepSpeed's default list would
+        # reduce conv / linear gradients in bf16); set it through the deepspeed: section to trade that.
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    elif precision == "bf16_weights":
+        cfg["bf16"] = {"enabled": True}
+    elif precision != "fp32":
+        raise ConfigError(f"train.precision: '{train.precision}' is not auto / fp32 / bf16 / bf16_weights")
+    if load_universal:
+        cfg["checkpoint"] = {"load_universal": True}
+    return _deep_merge(cfg, passthrough)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# process group
+
+
+def init_distributed(timeout_s: int = 1800, backend: Optional[str] = None) -> tuple[int, int]:
+    """Start the process group (once) with a collective timeout; returns (rank, world size).
+
+    Rank / world come from torchrun, the deepspeed launcher or SLURM (:mod:`pipeline.distributed`). A single
+    process gets a one-rank group on an in-memory store (DeepSpeed needs a group; no port is opened, so
+    concurrent single-process runs on one machine cannot collide).
+    """
+    from pipeline.distributed import init_distributed as init_env  # noqa: PLC0415
+
+    env = init_env(backend=backend, timeout_s=timeout_s)
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return env.rank, env.world_size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# engine
+
+
+class Engine:
+    """A DeepSpeed engine with our config, explicit accumulation, lr setting, checkpoints.
+
+    Build it with :meth:`Engine.build` (typical) or from an existing optimizer and config dict. The model
+    is available as :attr:`module` (ZeRO-3: partitioned parameters; use :meth:`gathered_parameters`).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, *,
+                 timeout_s: int = 1800):
+        deepspeed = _deepspeed()
+        init_distributed(timeout_s)
+        self.config = ds_config
+        self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                                 dist_init_required=False)
+        self._micro = 0  # micro-batches done in the current optimizer step
+        self._grad_norm: Optional[float] = None
+
+    @classmethod
+    def build(cls, model: nn.Module, train: TrainConfig, optim: OptimConfig,
+              passthrough: Optional[Mapping[str, Any]] = None, *, micro_batch_size: Optional[int] = None,
+              load_universal: bool = False) -> "Engine":
+        """Optimizer (ours, :func:`pipeline.optim.build_optimizer`), DeepSpeed config and engine in one call.
+
+        ``micro_batch_size``: the first stage's per-rank micro-batch (default train.micro_batch_size).
+        """
+        from pipeline.optim import build_optimizer  # noqa: PLC0415
+
+        _, world = init_distributed(train.collective_timeout_s)
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        ds_config = build_ds_config(train, optim, passthrough, micro_batch_size=micro_batch_size or
+                                    train.micro_batch_size, world_size=world, device_type=device_type,
+                                    load_universal=load_universal)
+        optimizer = build_optimizer(optim, model, train.global_batch_size)
+        return cls(model, optimizer, ds_config, timeout_s=train.collective_timeout_s)
+
+    # ------------------------------------------------------------------------------------------------------
+    # properties
+
+    @property
+    def module(self) -> nn.Module:
+        return self._ds.module
+
+    @property
+    def ds_engine(self):
+        """The DeepSpeed engine itself, for what this wrapper does not cover."""
+        return self._ds
+
+    @property
+    def optimizer(self):
+        """The optimizer DeepSpeed steps (ZeRO's wrapper around ours); its param_groups carry our groups."""
+        return self._ds.optimizer
+
+    @property
+    def device(self) -> torch.device:
+        return self._ds.device
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self._ds.zero_optimization_stage())
+
+    @property
+    def world_size(self) -> int:
+        return int(self._ds.dp_world_size)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self._ds.train_micro_batch_size_per_gpu())
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return int(self._ds.gradient_accumulation_steps())
+
+    @property
+    def global_batch_size(self) -> int:
+        return int(self._ds.train_batch_size())
+
+    @property
+    def global_steps(self) -> int:
+        """Optimizer steps taken (restored by :meth:`load`)."""
+        return int(self._ds.global_steps)
+
+    def train(self, mode: bool = True) -> "Engine":
+        self._ds.train(mode)
+        return self
+
+    def eval(self) -> "Engine":
+        self._ds.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------------------
+    # a training step
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        """The model's forward through DeepSpeed (ZeRO-3 gathering, autocast when configured)."""
+        return self._ds(*args, **kwargs)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """Whether the next backward is the last micro-batch of the current optimizer step."""
+        return self._micro == self.grad_accum_steps - 1
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward of one micro-batch's mean loss; DeepSpeed divides it by the accumulation steps."""
+        self._ds.set_gradient_accumulation_boundary(self.is_gradient_accumulation_boundary())
+        return self._ds.backward(loss)
+
+    def step(self) -> bool:
+        """End of a micro-batch: returns True when this was the last one and the optimizer stepped."""
+        boundary = self.is_gradient_accumulation_boundary()
+        if boundary and self.zero_stage == 0:
+            # ZeRO 1-3 compute the global norm in their optimizer step; stage 0 does not (unless clipping),
+            # so measure it here, after DeepSpeed's all-reduce in the boundary backward
+            self._grad_norm = _grad_norm(self._ds.module.parameters())
+        self._ds.step()
+        if boundary:
+            self._micro = 0
+            if self.zero_stage > 0:
+                norm = self._ds.get_global_grad_norm()
+                self._grad_norm = None if norm is None else float(norm)
+        else:
+            self._micro += 1
+        return boundary
+
+    def set_lr(self, lr: float) -> None:
+        """Learning rate of the next optimizer step (every param group)."""
+        for group in self._ds.optimizer.param_groups:
+            group["lr"] = lr
+
+    def get_lr(self) -> float:
+        return float(self._ds.optimizer.param_groups[0]["lr"])
+
+    def grad_norm(self) -> Optional[float]:
+        """Global L2 norm of the gradient of the last optimizer step, before clipping (None before any)."""
+        return self._grad_norm
+
+    def set_micro_batch_size(self, micro_batch_size: int, micro_key: str = "progressive.stage_micro_batch") -> int:
+        """Change the per-rank micro-batch at a step boundary, keeping the global batch; returns the new
+        accumulation steps. Refuses (naming ``micro_key``) when the global batch does not divide."""
+        if self._micro != 0:
+            raise RuntimeError(f"set_micro_batch_size in the middle of an optimizer step ({self._micro} of "
+                               f"{self.grad_accum_steps} micro-batches done); call it between steps")
+        global_batch = self.global_batch_size
+        gas = accumulation_steps(global_batch, micro_batch_size, self.world_size, micro_key=micro_key)
+        if micro_batch_size == self.micro_batch_size:
+            return gas
+        # DeepSpeed's two public setters: the first keeps the accumulation (changing the global batch), the
+        # second restores the global batch by changing the accumulation
+        self._ds.set_train_micro_batch_size(micro_batch_size)
+        self._ds.set_train_batch_size(global_batch)
+        # ZeRO 1/2 keep their own copy of the accumulation count (it selects the offload accumulation path)
+        if hasattr(self._ds.optimizer, "gradient_accumulation_steps"):
+            self._ds.optimizer.gradient_accumulation_steps = gas
+        assert self.grad_accum_steps == gas and self.global_batch_size == global_batch
+        return gas
+
+    # ------------------------------------------------------------------------------------------------------
+    # ZeRO-3 access
+
+    def gathered_parameters(self, params: Iterable[nn.Parameter], modifier_rank: Optional[int] = None
+                            ) -> ContextManager:
+        """Inside: ZeRO-3 parameters are whole on every rank; with ``modifier_rank`` that rank's changes are
+        broadcast and re-partitioned on exit. A no-op context for other stages."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        return _deepspeed().zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
+
+    # ------------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def save(self, save_dir: str | os.PathLike, tag: str, client_state: Optional[dict] = None) -> None:
+        """DeepSpeed save_checkpoint on every rank (collective) into ``save_dir/tag``.
+
+        ``client_state`` is stored from rank 0 only (DeepSpeed's behaviour); per-rank state needs its own
+        files. ``universal_checkpoint_info`` is added so that :func:`convert_to_universal` works.
+        """
+        state = dict(client_state or {})
+        state.setdefault("universal_checkpoint_info", dict(UNIVERSAL_CHECKPOINT_INFO))
+        ok = self._ds.save_checkpoint(str(save_dir), tag=tag, client_state=state, save_latest=False)
+        if ok is False:
+            raise RuntimeError(f"DeepSpeed could not save the checkpoint {Path(save_dir) / tag}")
+
+    def load(self, load_dir: str | os.PathLike, tag: str, *, load_optimizer_states: bool = True,
+             load_module_only: bool = False) -> dict:
+        """Load ``load_dir/tag`` (every rank; collective); returns the client_state (without DeepSpeed's keys).
+
+        A ZeRO checkpoint saved by another number of ranks is refused with the command that converts it; a
+        universal checkpoint needs an engine built with ``load_universal=True``.
+        """
+        path = Path(load_dir) / tag
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+        universal = is_universal_checkpoint(path)
+        if universal and not self._ds.load_universal_checkpoint():
+            raise ConfigError(f"{path} is a universal checkpoint: build the engine with load_universal=True "
+                              "(DeepSpeed config checkpoint.load_universal)")
+        if not universal and self._ds.load_universal_checkpoint():
+            raise ConfigError(f"{path} is not a universal checkpoint but the engine was built with "
+                              f"load_universal=True; convert it first: {_convert_command(load_dir, tag)}")
+        saved = saved_world_size(load_dir, tag)
+        if not universal and saved is not None and saved != self.world_size and load_optimizer_states \
+                and not load_module_only:
+            raise ConfigError(f"checkpoint {path} was saved by {saved} ranks with ZeRO and this run has "
+                              f"{self.world_size}; convert it to a universal checkpoint "
+                              f"({_convert_command(load_dir, tag)}) and load that with load_universal=True")
+        load_path, client_state = self._ds.load_checkpoint(
+            str(load_dir), tag=tag, load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=False, load_module_only=load_module_only)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path} (see its log above)")
+        self._micro = 0
+        return dict(client_state or {})
+
+
+def _grad_norm(params: Iterable[nn.Parameter]) -> Optional[float]:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads)
+    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoint files: world size, universal conversion, consolidation
+
+
+def saved_zero_stage(ckpt_dir: str | os.PathLike, tag: str) -> int:
+    """ZeRO stage of a checkpoint, from its file names (stage 0 has no ZeRO optimizer files)."""
+    path = Path(ckpt_dir) / tag
+    if glob.glob(str(path / "zero_pp_rank_*_mp_rank_*_optim_states.pt")):
+        # stage 3 writes per-rank model files as well
+        return 3 if glob.glob(str(path / "zero_pp_rank_*_mp_rank_*_model_states.pt")) else 2
+    if glob.glob(str(path / "bf16_zero_pp_rank_*_mp_rank_*_optim_states.pt")):
+        return 1  # stage 0 with bf16 weights keeps partitioned fp32 state like ZeRO-1
+    return 0
+
+
+def saved_world_size(ckpt_dir: str | os.PathLike, tag: str) -> Optional[int]:
+    """Number of data-parallel ranks that wrote a ZeRO checkpoint (its optimizer shards); None for a stage-0
+    checkpoint, whose optimizer state is whole and loads on any number of ranks."""
+    path = Path(ckpt_dir) / tag
+    files = glob.glob(str(path / "*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    return len(files) or None
+
+
+def is_universal_checkpoint(path: str | os.PathLike) -> bool:
+    """A folder written by ds_to_universal (it has a ``zero/`` folder of per-parameter files)."""
+    return (Path(path) / "zero").is_dir()
+
+
+def _convert_command(ckpt_dir, tag) -> str:
+    return f"python -m pipeline.engine to-universal {ckpt_dir} {tag}"
+
+
+def convert_to_universal(ckpt_dir: str | os.PathLike, tag: str, out_dir: str | os.PathLike, *,
+                         workers: int = 4, timeout_s: Optional[int] = None) -> Path:
+    """Convert the ZeRO checkpoint ``ckpt_dir/tag`` into a universal checkpoint in ``out_dir``.
+
+    Load it with an engine built with ``load_universal=True``: ``engine.load(out_dir.parent, out_dir.name)``.
+    Runs DeepSpeed's converter (``python -m deepspeed.checkpoint.ds_to_universal``) in a subprocess, into a
+    temporary folder renamed at the end, so an interrupted conversion is never mistaken for a finished one;
+    an existing finished conversion is reused. With a process group, rank 0 converts and the others wait.
+    """
+    src = Path(ckpt_dir) / tag
+    out = Path(out_dir)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    error: Optional[str] = None
+    if rank == 0:
+        try:
+            _convert(src, out, workers, timeout_s)
+        except Exception as e:  # reported on every rank below, so no rank waits forever
+            error = str(e)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RuntimeError(error)
+    return out
+
+
+def _convert(src: Path, out: Path, workers: int, timeout_s: Optional[int]) -> None:
+    if not src.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {src} does not exist")
+    if is_universal_checkpoint(out):
+        log.info("universal checkpoint %s exists; reusing it", out)
+        return
+    if saved_zero_stage(src.parent, src.name) == 0:
+        raise ConfigError(f"{src} is a ZeRO stage-0 checkpoint: its optimizer state is whole and it loads on any "
+                          "number of ranks as it is; no universal conversion is needed")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(tmp), "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(max(1, workers // 2))]
+    log.info("converting %s to a universal checkpoint: %s", src, " ".join(cmd))
+    env = dict(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    if proc.returncode != 0 or not is_universal_checkpoint(tmp):
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        shutil.rmtree(tmp, ignore_errors=True)
+        hint = ""
+        if "universal_checkpoint_info" in tail:
+            hint = (" The checkpoint lacks universal_checkpoint_info in its client state (saved by another "
+                    "tool?); pass --inject_missing_state to ds_to_universal by hand.")
+        raise RuntimeError(f"universal conversion of {src} failed (exit {proc.returncode}).{hint}\n{tail}")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def consolidate_fp32_state_dict(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
+    """One fp32 state dict of the whole model (parameters from the fp32 master copy, and buffers) from a
+    checkpoint of any ZeRO stage; no process group needed. Keys are the module's own (no wrapper prefix)."""
+    path = Path(ckpt_dir) / tag
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    if saved_zero_stage(ckpt_dir, tag) > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress on stdout
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    files = sorted(path.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no mp_rank_00_model_states.pt: not a DeepSpeed checkpoint")
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state["module"].items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.engine",
+                                     description="DeepSpeed checkpoint tools")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("to-universal", help="convert a ZeRO checkpoint for loading on another number of ranks")
+    p.add_argument("ckpt_dir", help="the folder holding the tag folders, e.g. RUN/checkpoints")
+    p.add_argument("tag", help="checkpoint tag, e.g. step-00000500")
+    p.add_argument("--out", help="output folder (default: CKPT_DIR/TAG_universal)")
+    p.add_argument("--workers", type=int, default=4)
+    args = parser.parse_args(argv)
+    if args.cmd == "to-universal":
+        out = Path(args.out) if args.out else Path(args.ckpt_dir) / f"{args.tag}_universal"
+        try:
+            convert_to_universal(args.ckpt_dir, args.tag, out, workers=args.workers)
+        except (ConfigError, FileNotFoundError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
