@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import PADDINGS, ConvBnAct, FusedMBConv, LayerOptions, MBConv
+from .blocks import PADDINGS, ConvBnAct, LayerOptions
 from .builder import VARIANTS, ArchSpec, VariantSpec, build_stages
 
 CHECKPOINT_GRANULARITIES = ("block", "stage")
@@ -290,5 +290,4 @@ def count_gmacs(model: nn.Module, image_size: int, in_chans: int = 3) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
-__all__ = ["EfficientNetV2", "create_model", "list_models", "get_variant", "count_params", "count_gmacs",
-           "FusedMBConv", "MBConv"]
+__all__ = ["EfficientNetV2", "create_model", "list_models", "get_variant", "count_params", "count_gmacs"]
