@@ -66,6 +66,7 @@ class Finetune:
         self.cfg = cfg
         fl.check_finetune_config(cfg.finetune)
         self.run_dir = Path(cfg.train.run_dir)
+        torch.manual_seed(cfg.train.seed)  # the new head's initialisation is part of the run's seed
         # Cheap checks first, on every rank alike, so that bad input fails before any process group exists.
         self.init_src = fl.classify_init(cfg.init)
         self.data = fl.describe_train_data(cfg.data)
@@ -106,15 +107,18 @@ class Finetune:
         # micro-batch size, which accelerate fixes at construction.
         # cpu=True on a machine without GPUs: accelerate then runs the launched processes as MULTI_CPU on gloo
         # (without it, every process of `accelerate launch --multi_gpu` / torchrun would train alone).
+        # model.compile: accelerate compiles the model in prepare() (None leaves `accelerate launch
+        # --dynamo_backend` in charge).
         acc = Accelerator(cpu=not cuda, mixed_precision=precision, log_with="tensorboard",
+                          dynamo_backend="inductor" if cfg.model.compile else None,
                           project_config=ProjectConfiguration(project_dir=str(self.run_dir),
                                                               logging_dir=str(self.run_dir)))
         self.acc = acc
         self.rank, self.world = acc.process_index, acc.num_processes
-        torch.manual_seed(t.seed + self.rank)
 
         if self.init is None:  # a DeepSpeed checkpoint: consolidated once, by the main process
             self.init = self._consolidated_init()
+            torch.manual_seed(t.seed)
             self.model = fl.build_model(self.init, cfg.model, self.data.classes, head_seed=cfg.finetune.head_seed,
                                         log=self.log)
 
@@ -127,9 +131,11 @@ class Finetune:
         self.lr_fn = lr_schedule(cfg.optim, global_batch_size=t.global_batch_size, total_steps=self.total_steps,
                                  steps_per_epoch=self.steps_per_epoch)
 
+        torch.manual_seed(t.seed + 1 + self.rank)  # dropout / drop-path: a stream per rank
         optimizer = build_optimizer(cfg.optim, self.model, t.global_batch_size)
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
-        self.net = acc.unwrap_model(self.model)
+        # the plain module: stage changes, EMA, evaluation and export work on it (no DDP / compile wrapper)
+        self.net = acc.unwrap_model(self.model, keep_torch_compile=False)
         self.ema = None
         if cfg.ema.enabled:
             from pipeline.ema import ModelEMA
@@ -165,11 +171,12 @@ class Finetune:
         """The main process turns the DeepSpeed checkpoint into an export under the run dir (kept, so a resume
         does not redo it); the others wait, then every process loads that export."""
         from accelerate.utils import broadcast_object_list
+
         from pipeline.export import is_export
 
         out = self.run_dir / INIT_EXPORT_DIR
         error = None
-        if self.acc.is_main_process and not is_export(out):
+        if self.acc.is_main_process and not (is_export(out) and fl.export_is_of(out, self.init_src)):
             self.log(f"init: consolidating {self.init_src.path} into {out}")
             try:
                 fl.consolidate_deepspeed(self.init_src, out, weights=self.cfg.finetune.init_weights)
@@ -212,6 +219,8 @@ class Finetune:
         self.log(self.schedule.format_table(cfg.train.global_batch_size))
         bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", dynamic_ncols=True,
                    disable=not acc.is_main_process, mininterval=1.0)
+        if self.start_step >= self.total_steps:
+            self.log(f"the run is complete (step {self.start_step}): evaluating and exporting it again")
         self._enter_stage(self.schedule.stage_at(self.start_step), self.start_step, force=True)
         t0, done, stopped = time.perf_counter(), self.start_step, False
         try:
@@ -342,7 +351,7 @@ class Finetune:
             "step": step, "total_steps": self.total_steps, "model": cfg.model.name, "num_classes": self.num_classes,
             "data": self.data.describe, "init": str(self.init_src.path), "init_kind": self.init_src.kind,
             "split": cfg.data.hf_val_split if cfg.data.hf_dataset and not cfg.data.val else cfg.data.val_split,
-            "image_size": cfg.eval.at_stage_size and self.stage.image_size or cfg.data.eval_image_size,
+            "image_size": self.stage.image_size if cfg.eval.at_stage_size else cfg.data.eval_image_size,
             "results": results, "exported_weights": "ema" if use_ema else "raw",
         }
         if acc.is_main_process:

@@ -172,6 +172,21 @@ def consolidate_deepspeed(src: InitSource, out_dir: Path, weights: str = "auto")
     return out_dir
 
 
+def export_is_of(export_dir: Path, src: InitSource) -> bool:
+    """Whether an export folder was consolidated from the checkpoint ``src`` names (its run dir and step; the
+    newest complete step when ``src`` names a run dir)."""
+    import json
+
+    from pipeline.checkpoint import latest
+
+    try:
+        source = json.loads((Path(export_dir) / "model.json").read_text()).get("source") or {}
+    except (OSError, ValueError):
+        return False
+    step = src.step if src.step is not None else latest(src.run_dir)
+    return (source.get("run_dir") == str(Path(src.run_dir).resolve()) and source.get("step") == step)
+
+
 def load_init(src: InitSource, *, weights: str = "auto") -> InitWeights:
     """Load the weights of an export folder or a timm file (a DeepSpeed source must be consolidated first)."""
     from pipeline.export import ExportError, load_export

@@ -344,6 +344,9 @@ def test_init_from_deepspeed_checkpoint_equals_its_export(tmp_path, pretrain_run
         assert init.weights == "ema"
         models.append(fl.build_model(init, ModelConfig(name=MODEL), target, head_seed=True).state_dict())
     assert capsys.readouterr().out.count("seeded 4 of 4 classifier rows") == 3
+    # a consolidated init is reused on resume only when it comes from the same run and step
+    assert fl.export_is_of(export, fl.classify_init(str(pretrain_run)))
+    assert not fl.export_is_of(export, fl.InitSource("deepspeed", pretrain_run, run_dir=pretrain_run, step=2))
     for other in models[1:]:
         assert other.keys() == models[0].keys()
         for k in models[0]:
