@@ -8,7 +8,6 @@ so the listing can be cut into shards and handed to any process.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 import tarfile
