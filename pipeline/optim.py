@@ -74,8 +74,8 @@ class RMSpropTF(torch.optim.Optimizer):
         mom <- momentum * mom + lr * g / sqrt(ms + eps)  eps inside the sqrt; lr inside the momentum
         p   <- p - mom
 
-    torch.optim.RMSprop differs in all three marked places; with eps = 1e-3 and ms starting at 0 its first
-    steps are about 30x larger. ``lr_in_momentum=False`` gives ``mom <- momentum * mom + g / sqrt(...)``,
+    torch.optim.RMSprop differs in all three marked places: with ms starting at 0 its first step is about
+    lr * sqrt(1 / (1 - alpha)) per element whatever the gradient, TF's lr * g / sqrt(alpha + eps) for small g. ``lr_in_momentum=False`` gives ``mom <- momentum * mom + g / sqrt(...)``,
     ``p <- p - lr * mom`` (identical at constant lr; different when the lr changes).
     """
 

@@ -207,16 +207,16 @@ def scenario_bn(engine: Engine, out: Path, results: dict) -> None:
 def scenario_micro_batch(out: Path, results: dict) -> None:
     """Accumulation changes keep the global batch: the weights after two steps match one micro-batch of the
     whole per-rank batch (model in eval mode, so BN does not make micro-batches differ)."""
+    per_rank = GLOBAL_BATCH // dist.get_world_size()
     for stage in (2, 3):
         runs = {}
-        for name, micros in (("one_big", (8, 8)), ("small", (2, 2)), ("changed", (8, 4))):
-            per_rank = GLOBAL_BATCH // dist.get_world_size()
-            first = min(micros[0], per_rank)
-            engine = build(stage, micro=first, optim="rmsprop_tf")
+        # micro-batch per step: the whole per-rank batch at once; 2 at a time; whole, then 4 at a time
+        for name, micros in (("one_big", (per_rank, per_rank)), ("small", (2, 2)), ("changed", (per_rank, 4))):
+            engine = build(stage, micro=micros[0], optim="rmsprop_tf")
             engine.module.eval()  # BN from running statistics: the gradient is a plain sum over samples
             gas = []
             for step, micro in enumerate(micros):
-                engine.set_micro_batch_size(min(micro, per_rank))
+                engine.set_micro_batch_size(micro)
                 gas.append(engine.grad_accum_steps)
                 rank, world = dist.get_rank(), dist.get_world_size()
                 for x, y in step_batches(step, rank, world, engine.micro_batch_size):
@@ -293,6 +293,7 @@ def main() -> None:
         scenario_bf16(results)
     (out / f"results_rank{rank}.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

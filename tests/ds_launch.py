@@ -1,0 +1,45 @@
+"""Runs tests/ds_worker.py under torchrun once per world size per test session; test modules share the results.
+
+test_engine.py and test_ema.py both assert on the same two launches (2 ranks, then 1 rank loading the
+2-rank checkpoints), so the launches are cached here, in a module every test module imports once.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = Path(__file__).resolve().parent / "ds_worker.py"
+_cache: dict[int, Path] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, root: Path, env: dict, universal_from: Path | None = None, timeout: int = 600) -> Path:
+    """Run the worker on ``world`` ranks (once per session); returns its output folder."""
+    if world in _cache:
+        return _cache[world]
+    out = root / f"world{world}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(out)]
+    if universal_from is not None:
+        cmd += ["--universal-from", str(universal_from)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+                 if "[WARNING]" not in ln and "[INFO]" not in ln]
+        raise AssertionError(f"ds_worker.py on {world} rank(s) failed (exit {proc.returncode}):\n"
+                             + "\n".join(lines[-60:]))
+    _cache[world] = out
+    return out
+
+
+def results(out: Path, rank: int = 0) -> dict:
+    return json.loads((out / f"results_rank{rank}.json").read_text())
