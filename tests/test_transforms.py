@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from pipeline.config import DataConfig
-from pipeline.data.decode import SampleImage, crop_resize
+from pipeline.data.decode import SampleImage, crop_resize, jpeg_size
 from pipeline.data.transforms import (DecodeError, EvalTransform, RandAugment, TrainTransform, decode_rgb,
                                       eval_crop_box)
 
@@ -286,3 +286,31 @@ def test_other_image_kinds_become_rgb(photos):
         assert EvalTransform(DataConfig(), 64)({"__key__": "x", "jpg": data}).shape == (3, 64, 64)
     im = decode_rgb(_jpeg(gray))
     assert im.mode == "RGB" and im.size == photos[0].size
+
+
+def test_jpeg_size_reads_the_frame_header_like_pil(photos):
+    img = photos[0].resize((333, 250))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation tag: an APP1 segment before the frame header
+    kinds = {
+        "baseline": dict(quality=90),
+        "progressive": dict(quality=80, progressive=True),
+        "optimized": dict(quality=75, optimize=True),
+        "exif": dict(quality=90, exif=exif.tobytes()),
+        "restart markers": dict(quality=90, restart_marker_blocks=4),
+        "4:4:4": dict(quality=95, subsampling=0),
+    }
+    for name, opts in kinds.items():
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", **opts)
+        assert jpeg_size(buf.getvalue()) == (333, 250), name
+    for mode in ("L", "CMYK"):
+        data = _jpeg(img.convert(mode))
+        assert jpeg_size(data) == Image.open(io.BytesIO(data)).size
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    assert jpeg_size(png.getvalue()) is None  # not a JPEG: the caller falls back to PIL
+    data = _jpeg(img)
+    assert jpeg_size(data[:20]) is None and jpeg_size(b"") is None and jpeg_size(b"\xff\xd8garbage") is None
+    s = SampleImage({"__key__": "p", "jpg": png.getvalue()})
+    assert s.size == (333, 250) and not s.is_jpeg

@@ -18,6 +18,7 @@ which moves each edge by at most half a source pixel (one original pixel for a h
 from __future__ import annotations
 
 import io
+import struct
 from typing import Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -41,8 +42,9 @@ try:
 except ImportError:  # pragma: no cover - depends on the torchvision release
     TV_DECODE = False
 
-# Truncated files must raise (the loader counts them as bad), whatever another library set globally.
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError)
+# What PIL raises for corrupt, truncated or hostile data (struct.error / IndexError: malformed headers). These
+# become DecodeError, which the loader counts and skips.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError, IndexError, struct.error)
 
 Box = tuple[int, int, int, int]
 """(top, left, height, width) in pixels of the original image."""
@@ -80,6 +82,52 @@ def decode_rgb(data: bytes) -> Image.Image:
         raise DecodeError(f"image: cannot decode: {e}") from e
 
 
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic): they carry the size.
+_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) read from a JPEG's start-of-frame segment, or None if ``data`` does not look like one.
+
+    A few microseconds instead of PIL's ~15 (which parses every table in Python); the crop box needs only the
+    size. None makes the caller fall back to PIL, which then names the actual problem.
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    pos = 2
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
+            pos += 2
+            continue
+        if marker == 0xDA or marker == 0xD9:  # scan data or end of image before any frame header
+            return None
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker in _SOF_MARKERS:
+            if pos + 9 > n or length < 8:
+                return None
+            height = (data[pos + 5] << 8) | data[pos + 6]
+            width = (data[pos + 7] << 8) | data[pos + 8]
+            return (width, height)
+        pos += 2 + length
+    return None
+
+
+def _header(data: bytes, what: str) -> tuple[tuple[int, int], bool]:
+    """(width, height) and whether it is a JPEG, without decoding pixels; raises DecodeError if unreadable."""
+    size = jpeg_size(data)
+    if size is not None:
+        return size, True
+    im = _open(data, what)
+    return im.size, im.format == "JPEG"
+
+
 class SampleImage:
     """The images of one sample, headers parsed, pixels not yet decoded.
 
@@ -93,31 +141,31 @@ class SampleImage:
             raise DecodeError(f"sample {self.key}: no 'jpg' field (keys: {sorted(k for k in sample)})")
         self._data = data
         self._small_data = _image_bytes(sample, "jpg_small")
-        self.image = _open(data, f"sample {self.key}")
-        self.size: tuple[int, int] = self.image.size
+        self.size, self.is_jpeg = _header(data, f"sample {self.key}")
         if self.size[0] < 1 or self.size[1] < 1:
             raise DecodeError(f"sample {self.key}: image has size {self.size}")
 
-    def _small(self) -> Optional[Image.Image]:
+    def _small_size(self) -> Optional[tuple[int, int]]:
         if self._small_data is None:
             return None
         try:
-            return _open(self._small_data, f"sample {self.key} (jpg_small)")
+            size, is_jpeg = _header(self._small_data, f"sample {self.key} (jpg_small)")
         except DecodeError:
             return None  # the original is still usable: a broken small copy only costs speed
+        return size if is_jpeg and size[0] > 0 and size[1] > 0 else None
 
     def plan(self, box: Box, out_size: tuple[int, int], reduced: bool) -> "DecodePlan":
         """Choose the source ('jpg' or 'jpg_small') and the DCT scale denominator (1, 2, 4 or 8) for a crop."""
         _, _, h, w = box
         th, tw = out_size
-        plan = DecodePlan("jpg", self._data, self.image, 1.0, 1.0, 1)
+        plan = DecodePlan("jpg", self._data, self.is_jpeg, 1.0, 1.0, 1)
         if reduced:
-            small = self._small()
+            small = self._small_size()
             if small is not None:
-                sx, sy = small.size[0] / self.size[0], small.size[1] / self.size[1]
+                sx, sy = small[0] / self.size[0], small[1] / self.size[1]
                 if h * sy >= th and w * sx >= tw:
-                    plan = DecodePlan("jpg_small", self._small_data, small, sx, sy, 1)
-            if plan.header.format == "JPEG":
+                    plan = DecodePlan("jpg_small", self._small_data, True, sx, sy, 1)
+            if plan.is_jpeg:
                 for k in (8, 4, 2):
                     if h * plan.sy / k >= th and w * plan.sx / k >= tw:
                         plan = plan._replace(scale=k)
@@ -137,13 +185,13 @@ class SampleImage:
     def decode_plan(self, plan: "DecodePlan") -> tuple[torch.Tensor, int]:
         """Pixels of the planned source as uint8 (3, h, w), and the DCT scale actually used."""
         what = f"sample {self.key} ({plan.source})"
-        if TV_DECODE and plan.scale == 1 and plan.header.format == "JPEG":
+        tv_error = None
+        if TV_DECODE and plan.scale == 1 and plan.is_jpeg:
             try:
                 return decode_jpeg(torch.frombuffer(bytearray(plan.data), dtype=torch.uint8),
                                    mode=ImageReadMode.RGB), 1
-            except RuntimeError as e:
-                raise DecodeError(f"{what}: cannot decode: {e}") from e
-        # A fresh header object: draft() configures an image once, and self.image may be decoded again later.
+            except RuntimeError as e:  # corrupt, or a JPEG flavour only PIL reads: PIL decides below
+                tv_error = str(e).splitlines()[-1]
         im = _open(plan.data, what)
         scale = 1
         if plan.scale > 1:
@@ -158,7 +206,8 @@ class SampleImage:
             if im.mode != "RGB":
                 im = im.convert("RGB")
         except _PIL_ERRORS as e:
-            raise DecodeError(f"{what}: cannot decode: {e}") from e
+            extra = f" (torchvision: {tv_error})" if tv_error else ""
+            raise DecodeError(f"{what}: cannot decode: {e}{extra}") from e
         return pil_to_tensor(im), scale
 
 
@@ -166,7 +215,7 @@ class DecodePlan(NamedTuple):
     source: str
     """'jpg' or 'jpg_small'."""
     data: bytes
-    header: Image.Image
+    is_jpeg: bool
     sx: float
     """Source pixels per original pixel, horizontally (1 for the original)."""
     sy: float
@@ -196,7 +245,7 @@ def crop_resize(pixels: torch.Tensor, box: Box, sx: float, sy: float, out_size: 
 
 
 def pil_to_tensor(im: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor (3, H, W) sharing one copy of the pixels (channels-last strides)."""
+    """RGB PIL image -> uint8 tensor (3, H, W) owning a copy of the pixels (HWC memory, channels-last strides)."""
     arr = np.array(im, dtype=np.uint8, copy=True)  # writable copy: torch refuses to wrap read-only buffers
     return torch.from_numpy(arr).permute(2, 0, 1)
 
@@ -206,7 +255,7 @@ def tensor_to_pil(x: torch.Tensor, flip: bool = False) -> Image.Image:
     hwc = x.permute(1, 2, 0)
     if flip:
         hwc = hwc.flip(1)
-    return Image.fromarray(np.ascontiguousarray(hwc.numpy()), mode="RGB")
+    return Image.fromarray(np.ascontiguousarray(hwc.numpy()))  # (H, W, 3) uint8 -> mode RGB
 
 
 def centre_crop_box(size: tuple[int, int], crop: int) -> Box:

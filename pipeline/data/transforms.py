@@ -159,7 +159,10 @@ class TrainTransform:
         self.normalize = Normalize(cfg.mean, cfg.std)
 
     def crop_box(self, image: SampleImage) -> tuple[int, int, int, int]:
-        params = self.crop.make_params([image.image])  # header only: PIL has not decoded the pixels
+        # torchvision's sampler reads only the input's size: a zero-channel tensor of that size stands in for
+        # the image, which is not decoded yet.
+        w, h = image.size
+        params = self.crop.make_params([torch.empty((0, h, w), dtype=torch.uint8)])
         return (params["top"], params["left"], params["height"], params["width"])
 
     def augment_uint8(self, sample: Mapping) -> torch.Tensor:
