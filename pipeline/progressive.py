@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -267,40 +266,21 @@ def resolve_total_steps(train: TrainConfig, train_samples: Optional[int]) -> int
 
 
 def _samples_from_info(folders: Sequence[str], split: str) -> Optional[int]:
-    """Best effort: the sample count of ``split`` from each folder's info.json (None if any is missing)."""
+    """Training samples listed in the shard folders' info.json; None when a folder (or its info.json) is absent
+    (a preview on a machine without the data). A present but broken info.json raises its DataError."""
+    from pipeline.data.shards import is_url, load_split
+
     total = 0
     for folder in folders:
-        info_path = Path(folder) / "info.json"
-        if not info_path.is_file():
+        if not is_url(folder) and not Path(folder, "info.json").is_file() and not Path(folder).is_file():
             return None
-        try:
-            info = json.loads(info_path.read_text())
-        except (OSError, ValueError):
-            return None
-        n = _find_count(info, split)
-        if n is None:
-            return None
-        total += n
-    return total or None
-
-
-def _find_count(info: dict, split: str) -> Optional[int]:
-    # Accept the shapes a shard index plausibly takes: {"splits": {split: {"num_samples": N | "shards": [...]}}}
-    # or a flat {"num_samples": N}. The loader reads info.json properly; this is only for the preview.
-    node = info.get("splits", {}).get(split, info) if isinstance(info.get("splits"), dict) else info
-    for key in ("num_samples", "samples", "count"):
-        if isinstance(node.get(key), int):
-            return node[key]
-    shards = node.get("shards")
-    if isinstance(shards, list):
-        counts = [s.get("num_samples", s.get("samples")) for s in shards if isinstance(s, dict)]
-        if counts and all(isinstance(c, int) for c in counts):
-            return sum(counts)
-    return None
+        total += load_split(folder, split, check_files=False).samples
+    return total
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from pipeline.config import load_config
+    from pipeline.data.shards import DataError
 
     p = argparse.ArgumentParser(prog="python -m pipeline.progressive",
                                 description="Print the progressive-learning stage table of a run config.")
@@ -324,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 source = f"the known size for '{stem}'"
         total = resolve_total_steps(cfg.train, samples)
         schedule = StageSchedule.from_config(cfg.progressive, total, default_dropout=cfg.model.drop_rate)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     p_cfg = cfg.progressive

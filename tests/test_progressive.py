@@ -199,3 +199,21 @@ def test_cli_in_process_overrides_and_errors(capsys, repo_root):
     assert "smaller than progressive.num_stages" in capsys.readouterr().err
     assert main([cfg, "train.epochs=0"]) == 2
     assert "train.total_steps and train.epochs are both 0" in capsys.readouterr().err
+
+
+def test_cli_takes_the_sample_count_from_info_json(tmp_path, capsys, repo_root):
+    import json
+
+    from pipeline.data.shards import FORMAT, SUPPORTED_VERSIONS
+
+    info = {"format": FORMAT, "version": SUPPORTED_VERSIONS[0], "num_classes": 10, "classes": [],
+            "splits": {"train": {"samples": 3000, "shards": [{"name": "train-000000.tar", "samples": 1000},
+                                                             {"name": "train-000001.tar", "samples": 2000}]}}}
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    cfg = str(repo_root / "configs" / "pretrain" / "s_in21k.yaml")
+    assert main([cfg, f"data.train=[{tmp_path}]", "train.epochs=10", "train.global_batch_size=100"]) == 0
+    out = capsys.readouterr().out
+    assert "3,000 samples (info.json)" in out and "= 300" in out and "0-75" in out
+    (tmp_path / "info.json").write_text("{not json")
+    assert main([cfg, f"data.train=[{tmp_path}]"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
