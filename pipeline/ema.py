@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["ModelEMA", "ema_decay"]
+__all__ = ["ModelEMA", "ema_decay", "unwrap"]
 
 STATE_VERSION = 1
 # Elements per all-gather when the sharded EMA is assembled (bounds the temporary memory to ~256 MB fp32
@@ -49,6 +49,18 @@ def ema_decay(t: int, decay: float, tf_warmup: bool = True) -> float:
     if tf_warmup:
         return min(decay, (1.0 + t) / (10.0 + t))
     return decay
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers, so that the EMA's
+    state-dict keys carry no wrapper prefixes."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _is_zero3(p: torch.Tensor) -> bool:
@@ -78,6 +90,7 @@ class ModelEMA:
                  gathered_parameters: Optional[GatherFn] = None):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema.decay: must be within [0, 1), got {decay}")
+        model = unwrap(model)
         self.model = model
         self.decay = float(decay)
         self.tf_warmup = bool(tf_warmup)

@@ -246,7 +246,7 @@ class Engine:
         self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                  dist_init_required=False)
         self._micro = 0  # micro-batches done in the current optimizer step
-        self._grad_norm: Optional[float] = None
+        self._grad_norm: Optional[torch.Tensor | float] = None
 
     @classmethod
     def build(cls, model: nn.Module, train: TrainConfig, optim: OptimConfig,
@@ -346,16 +346,17 @@ class Engine:
     def step(self) -> bool:
         """End of a micro-batch: returns True when this was the last one and the optimizer stepped."""
         boundary = self.is_gradient_accumulation_boundary()
+        own_norm = None
         if boundary and self.zero_stage == 0:
-            # ZeRO 1-3 compute the global norm in their optimizer step; stage 0 does not (unless clipping),
-            # so measure it here, after DeepSpeed's all-reduce in the boundary backward
-            self._grad_norm = _grad_norm(self._ds.module.parameters())
+            # ZeRO 1-3 (and bf16 weights) compute the global norm in their optimizer step; plain stage 0 does
+            # not, so measure it here, after DeepSpeed's all-reduce in the boundary backward
+            own_norm = _grad_norm(self._ds.module.parameters())
         self._ds.step()
         if boundary:
             self._micro = 0
-            if self.zero_stage > 0:
-                norm = self._ds.get_global_grad_norm()
-                self._grad_norm = None if norm is None else float(norm)
+            norm = self._ds.get_global_grad_norm()
+            # kept as DeepSpeed returns it (a device tensor on GPU): no host sync until someone asks
+            self._grad_norm = norm if norm is not None else own_norm
         else:
             self._micro += 1
         return boundary
@@ -370,7 +371,7 @@ class Engine:
 
     def grad_norm(self) -> Optional[float]:
         """Global L2 norm of the gradient of the last optimizer step, before clipping (None before any)."""
-        return self._grad_norm
+        return None if self._grad_norm is None else float(self._grad_norm)
 
     def set_micro_batch_size(self, micro_batch_size: int, micro_key: str = "progressive.stage_micro_batch") -> int:
         """Change the per-rank micro-batch at a step boundary, keeping the global batch; returns the new
@@ -450,12 +451,12 @@ class Engine:
         return dict(client_state or {})
 
 
-def _grad_norm(params: Iterable[nn.Parameter]) -> Optional[float]:
+def _grad_norm(params: Iterable[nn.Parameter]) -> Optional[torch.Tensor]:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
     norms = torch._foreach_norm(grads)
-    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 # ----------------------------------------------------------------------------------------------------------

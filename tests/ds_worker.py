@@ -81,10 +81,10 @@ def build(stage: int, *, seed: int = 0, micro: int = MICRO, optim: str = "adamw"
                         micro_batch_size=micro, load_universal=load_universal)
 
 
-def train_step(engine: Engine, step: int) -> float:
+def train_step(engine: Engine, step: int, lr: float = LR) -> float:
     """One optimizer step over this rank's micro-batches; returns the global mean loss."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    engine.set_lr(LR)
+    engine.set_lr(lr)
     losses = []
     for i, (x, y) in enumerate(step_batches(step, rank, world, engine.micro_batch_size)):
         loss = F.cross_entropy(engine(x), y)
@@ -169,6 +169,12 @@ def scenario_train(out: Path, results: dict) -> None:
         results[f"{key}_client_state"] = {k: v for k, v in client.items() if k in ("step", "note")}
         results[f"{key}_client_has_uc_info"] = "universal_checkpoint_info" in client
         resumed = [train_step(fresh, STEPS), train_step(fresh, STEPS + 1)]
+        # the lr we set is the one used: lr 0 leaves AdamW's weights (decoupled decay is lr x wd) unchanged
+        before = full_params(fresh)
+        train_step(fresh, STEPS + 2, lr=0.0)
+        after = full_params(fresh)
+        results[f"{key}_lr_zero_keeps_weights"] = all(torch.equal(before[n], after[n]) for n in before)
+        results[f"{key}_lr_reported"] = fresh.get_lr()
         results[f"{key}_continue"] = cont
         results[f"{key}_resumed"] = resumed
         results[f"{key}_saved_world_size"] = saved_world_size(ckpt, TAG)

@@ -130,6 +130,14 @@ def test_load_state_dict_refuses_mismatches():
         ModelEMA(small_model(), decay=1.0)
 
 
+def test_wrapper_prefixes_are_not_in_the_keys():
+    model = small_model()
+    compiled = torch.compile(model)  # an OptimizedModule: its state-dict keys start with _orig_mod.
+    ema = ModelEMA(compiled, decay=0.9)
+    assert ema.model is model
+    assert list(ema.full_state_dict()) == list(model.state_dict())
+
+
 def test_ema_follows_bf16_weights_in_float32():
     model = small_model().to(torch.bfloat16)
     ema = ModelEMA(model, decay=0.5, tf_warmup=False)

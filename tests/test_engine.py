@@ -256,6 +256,15 @@ def test_save_load_round_trip(runs, world, stage):
     assert res[f"z{stage}_client_state"] == {"step": 8, "note": "hello"}
     assert res[f"z{stage}_client_has_uc_info"]
     assert res[f"z{stage}_resumed"] == res[f"z{stage}_continue"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_set_lr_reaches_the_optimizer(runs, world, stage):
+    res = ds_launch.results(runs[world])
+    assert res[f"z{stage}_lr_zero_keeps_weights"]
+    assert res[f"z{stage}_lr_reported"] == 0.0
     assert res[f"z{stage}_saved_world_size"] == (None if stage == 0 else world)
 
 
