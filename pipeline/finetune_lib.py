@@ -1,11 +1,9 @@
 """Fine-tuning pieces that need no launcher: where the initial weights come from, the new (seeded) head,
-class lists, step-N checkpoint folders and the result table. ``pipeline.finetune`` drives them with accelerate.
+class lists, the loss, evaluation and the result table. ``pipeline.finetune`` drives them with accelerate.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +14,6 @@ from torch import nn
 
 from pipeline.config import ConfigError, DataConfig, FinetuneConfig, ModelConfig
 
-INIT_KINDS = ("export", "deepspeed", "timm")
 TIMM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 CHECKPOINT_SUBDIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -43,6 +40,12 @@ def normalize_classes(classes: Sequence[Any]) -> list[dict]:
     return out
 
 
+def class_list(classes: Sequence[Any], num_classes: int) -> list[dict]:
+    """Exactly ``num_classes`` entries, by index: the data's own where it has them, else just the index."""
+    by_index = {c["index"]: c for c in normalize_classes(classes) if 0 <= c["index"] < num_classes}
+    return [by_index.get(i, {"index": i, "wnid": None, "name": str(i)}) for i in range(num_classes)]
+
+
 def check_finetune_config(cfg: FinetuneConfig) -> None:
     for key, value, allowed in (("init_weights", cfg.init_weights, ("auto", "ema", "raw")),
                                 ("export_weights", cfg.export_weights, ("ema", "raw"))):
@@ -66,7 +69,7 @@ def describe_train_data(cfg: DataConfig) -> DataInfo:
         from pipeline.data.hf import HFSource
 
         src = HFSource.from_config(cfg, cfg.hf_train_split)
-        return DataInfo(normalize_classes(list(src.classes)), int(src.num_classes), len(src),
+        return DataInfo(class_list(src.classes, int(src.num_classes)), int(src.num_classes), len(src),
                         f"{cfg.hf_dataset} [{cfg.hf_train_split}]")
     if not cfg.train:
         raise FinetuneError("data.train is empty: list the shard folders of the target dataset (written by "
@@ -75,8 +78,7 @@ def describe_train_data(cfg: DataConfig) -> DataInfo:
 
     first = load_split(cfg.train[0], cfg.train_split)
     samples = first.samples + sum(load_split(r, cfg.train_split).samples for r in cfg.train[1:])
-    classes = normalize_classes(list(first.classes)) or normalize_classes([str(i) for i in range(first.num_classes)])
-    return DataInfo(classes, first.num_classes, samples, f"{first.info_path}")
+    return DataInfo(class_list(first.classes, first.num_classes), first.num_classes, samples, f"{first.info_path}")
 
 
 def resolve_num_classes(configured: int, data_classes: int, data_source: str) -> int:
@@ -341,10 +343,6 @@ def result_table(results: dict[str, dict[str, float]]) -> str:
     for name, r in results.items():
         lines.append(f"{name:<8} {r['top1']:>7.2f} {r['top5']:>7.2f} {int(r['images']):>8d}")
     return "\n".join(lines)
-
-
-def steps_from_epochs(epochs: float, samples: int, global_batch: int) -> int:
-    return max(1, math.ceil(epochs * samples / global_batch))
 
 
 def soft_target_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

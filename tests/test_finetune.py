@@ -167,6 +167,14 @@ def test_timm_file_init_prefers_ema_weights(tmp_path, capsys):
         fl.build_model(init, ModelConfig(name="efficientnetv2_b0"), [{"index": 0}], head_seed=True)
 
 
+def test_class_list_has_one_entry_per_class():
+    got = fl.class_list([{"index": 2, "wnid": "n00000002", "name": "two"}, "n00000001"], 3)  # str: by position
+    assert [c["index"] for c in got] == [0, 1, 2]
+    assert got[0] == {"index": 0, "wnid": None, "name": "0"} and got[1]["wnid"] == "n00000001"
+    assert got[2]["name"] == "two"
+    assert len(fl.class_list((), 5)) == 5  # integer labels without names (a datasets Value column)
+
+
 def test_topk_and_result_table():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.15], [0.2, 0.3, 0.5]])
     assert fl.topk_correct(logits, torch.tensor([1, 2, 0]), (1, 2)) == [1, 2]
