@@ -220,6 +220,36 @@ def breakdown_baseline(samples, cfg: DataConfig, size: int) -> Counter:
     return t.total
 
 
+def randaug_backends(samples, cfg: DataConfig, size: int, repeats: int = 3) -> dict:
+    """ms per image of torchvision's RandAugment (2 ops, magnitude 10) on a PIL image vs a uint8 tensor:
+    why ours hands the resized crop to PIL for RandAugment and takes it back."""
+    from torchvision.transforms import v2
+
+    ra = v2.RandAugment(num_ops=2, magnitude=MAGNITUDE, num_magnitude_bins=11)
+    tf = TrainTransform(cfg, size, 0)
+    tensors = []
+    for i, s in enumerate(samples[:64]):
+        torch.default_generator.manual_seed(i)
+        tensors.append(tf.augment_uint8(s))
+    pils = [tensor_to_pil(x) for x in tensors]
+    contiguous = [x.contiguous() for x in tensors]
+    out = {}
+    for name, images in (("PIL", pils), ("uint8 tensor", contiguous)):
+        best = float("inf")
+        for _ in range(repeats):
+            torch.default_generator.manual_seed(0)
+            t0 = CLOCK()
+            for im in images:
+                ra(im)
+            best = min(best, CLOCK() - t0)
+        out[name] = 1e3 * best / len(images)
+    t0 = CLOCK()
+    for x in tensors:
+        pil_to_tensor(tensor_to_pil(x))
+    out["round trip tensor -> PIL -> tensor"] = 1e3 * (CLOCK() - t0) / len(tensors)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -307,6 +337,10 @@ def main(argv=None) -> int:
                   + f"  = {1e3 * sum(ours.values()) / n:.3f}")
             print("    baseline: " + ", ".join(f"{k} {1e3 * v / n:.3f}" for k, v in base.items())
                   + f"  = {1e3 * sum(base.values()) / n:.3f}")
+        print("\nRandAugment (torchvision, 2 ops, magnitude 10) by image type, ms per image")
+        for size in args.sizes:
+            r = randaug_backends(samples, cfg, size)
+            print(f"  {size}px  " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
     return 0
 
 
