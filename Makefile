@@ -35,10 +35,13 @@ test-fast: setup
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
-	$(BIN)/python -m pipeline.models summary efficientnetv2_s --image-size 384
+	DS_ACCELERATOR=cpu $(BIN)/python -m pipeline.demo $(DEMO_ARGS)
+
+demo-compare: setup
+	DS_ACCELERATOR=cpu $(BIN)/python -m pipeline.demo --compare $(DEMO_ARGS)
 
 bench: setup
-	$(BIN)/python bench/model_step.py
+	DS_ACCELERATOR=cpu $(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

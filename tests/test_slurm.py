@@ -132,3 +132,30 @@ def test_preemption_saves_requeues_and_resumes(slurm, repo_root, subprocess_env,
     # keep_last (3) complete checkpoints remain, the newest at the final step.
     assert [c.step for c in list_checkpoints(run_dir)][-1] == steps
     assert len(list_checkpoints(run_dir)) <= 3
+
+
+def test_real_pretraining_job_on_two_srun_tasks(slurm, repo_root, subprocess_env, tmp_path):
+    """The real trainer (pipeline.pretrain, DeepSpeed ZeRO-2 on gloo) as a SLURM job of 2 srun tasks."""
+    import subprocess
+
+    shards = tmp_path / "shards"
+    subprocess.run([sys.executable, "-m", "shards", "write", "demo", "pretrain", str(shards), "--classes", "10",
+                    "--per-class", "12", "--val-per-class", "2", "--image-size", "64", "--shard-size", "10",
+                    "--no-progress", "--workers", "1"], check=True, cwd=repo_root, capture_output=True,
+                   env=subprocess_env)
+    env = _job_env(subprocess_env, repo_root, tmp_path, CONFIG="configs/pretrain/tiny_cpu.yaml",
+                   PROCS_PER_NODE=2, DS_ACCELERATOR="cpu")
+    env.pop("ENTRY")  # the scripts' default: pipeline.pretrain
+    env["PYTHONPATH"] = str(repo_root)
+    log = tmp_path / "job.out"
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(repo_root / "slurm" / "pretrain_s.sh", *SMALL, f"--output={log}",
+                       script_args=[f"data.train=[{shards}]", "train.total_steps=6"], env=env, cwd=repo_root)
+    try:
+        slurm.wait_for(job, ["COMPLETED"], timeout=240)
+    except slurm_cluster.ClusterError as e:
+        pytest.fail(f"{e}\njob output:\n{_read(log)}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["world_size"] == 2 and summary["zero_stage"] == 2
+    marker = json.loads((run_dir / "checkpoints" / step_tag(6) / MARKER).read_text())
+    assert marker["slurm_job_id"] == job and marker["world_size"] == 2
