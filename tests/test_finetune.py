@@ -380,10 +380,17 @@ def test_finetune_two_processes_from_deepspeed_checkpoint(tmp_path, repo_root, s
 
 @pytest.mark.slow
 def test_datasets_dataset_trains_without_shards(tmp_path, repo_root, subprocess_env, pretrained):
+    """Straight from a save_to_disk folder; also progressive learning: 2 stages (32 -> 48 px, RandAugment and
+    dropout rising), the second with a smaller micro-batch (more accumulation steps for the same batch)."""
     ds = _hf_dataset(tmp_path / "hf")
     run = tmp_path / "run"
-    _launch(repo_root, subprocess_env, _overrides(run, Path("unused"), pretrained, **{
-        "data.train": "[]", "data.hf_dataset": str(ds), "data.hf_val_split": "test"}))
+    res = _launch(repo_root, subprocess_env, _overrides(run, Path("unused"), pretrained, **{
+        "data.train": "[]", "data.hf_dataset": str(ds), "data.hf_val_split": "test",
+        "progressive.enabled": "true", "progressive.num_stages": 2, "progressive.min_image_size": 32,
+        "progressive.min_randaug": 0, "progressive.max_randaug": 2, "progressive.min_dropout": 0.0,
+        "progressive.max_dropout": 0.1, "progressive.stage_micro_batch": "[16,8]"}))
+    assert "stage 0: 32px, RandAugment 0, mixup 0, cutmix 0, dropout 0, 16 x 1 x 2 images per step" in res.stdout
+    assert "stage 1: 48px, RandAugment 2, mixup 0, cutmix 0, dropout 0.1, 8 x 1 x 4 images per step" in res.stdout
     m = _metrics(run)
     assert m["split"] == "test" and m["results"]["raw"]["images"] == 32
     assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 60.0, m
