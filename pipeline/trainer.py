@@ -340,6 +340,7 @@ class Trainer:
         dev = self.engine.device
         totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, precision@1 hits, samples
         max_batches = self.cfg.eval.max_batches
+        multi_label = False
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break  # every rank has the same number of batches, so all stop together
@@ -354,14 +355,15 @@ class Trainer:
             hit = top == labels.unsqueeze(1)
             totals[0] += (hit[:, 0] & valid).sum()
             totals[1] += (hit.any(dim=1) & valid).sum()
-            if "labels" in batch:
+            if "labels" in batch:  # multi-label data: the top-1 prediction is one of the image's labels
+                multi_label = True
                 multi = batch["labels"].bool()
                 totals[2] += (multi.gather(1, top[:, :1]).squeeze(1) & valid).sum()
             totals[3] += valid.sum()
         totals = distributed.all_reduce_sum(totals)
         n = max(float(totals[3]), 1.0)
         out = {"top1": 100 * float(totals[0]) / n, "top5": 100 * float(totals[1]) / n, "samples": int(totals[3])}
-        if getattr(loader, "_readers", None) is not None and loader._readers.multi_label:
+        if multi_label:
             out["precision_at_1"] = 100 * float(totals[2]) / n
         return out
 
