@@ -220,7 +220,8 @@ def _read_timm_file(path: Path, weights: str) -> tuple[dict, str]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt / truncated / pickled objects beyond tensors
         raise FinetuneError(f"init={path}: cannot read it as a checkpoint ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); pass a timm .pth / .safetensors file") from None
+                            f"{str(e).splitlines()[0] if str(e) else ''}); pass a timm .pth / .safetensors "
+                            "file") from None
     if not isinstance(obj, dict):
         raise FinetuneError(f"init={path}: holds a {type(obj).__name__}, not a state dict")
     # timm training checkpoints nest the weights; the EMA copy is the one to fine-tune from when present.
@@ -276,7 +277,8 @@ def _load_backbone(model: nn.Module, state: dict, init: InitWeights) -> None:
                            for n, what, keys in ((len(missing), "missing", missing),
                                                  (len(unexpected), "unexpected", unexpected),
                                                  (len(shapes), "mis-shaped", shapes)) if keys)
-        raise FinetuneError(f"init={init.source.path}: weights do not fit model.name={model.pretrained_cfg.get('architecture')} "
+        name = model.pretrained_cfg.get("architecture")
+        raise FinetuneError(f"init={init.source.path}: weights do not fit model.name={name} "
                             f"({detail}); set model.name to the architecture the init was trained with")
     model.load_state_dict(state, strict=False)
 

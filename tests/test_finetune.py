@@ -87,7 +87,8 @@ def pretrained(tmp_path_factory) -> Path:
 def _overrides(run_dir: Path, data: Path, init: Path, **extra) -> list[str]:
     base = {"init": str(init), "data.train": f"[{data}]", "train.run_dir": str(run_dir),
             "progressive.min_image_size": SIZE, "progressive.max_image_size": SIZE, "data.eval_image_size": SIZE,
-            "data.cutout": SIZE // 2, "data.eval_crop_threshold": 0, "optim.lr_per_256": 0.032, "train.total_steps": 24, "checkpoint.every_steps": 12, "train.log_every": 4}
+            "data.cutout": SIZE // 2, "data.eval_crop_threshold": 0, "optim.name": "rmsprop_tf",
+            "optim.lr_per_256": 0.032, "train.total_steps": 24, "checkpoint.every_steps": 12, "train.log_every": 4}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
