@@ -27,7 +27,8 @@ One optimizer step, with any accumulation::
 
 Precision: 'auto' is bf16 autocast on GPU (DeepSpeed's ``torch_autocast`` section: weights, BatchNorm
 and optimizer in fp32, matmuls / convolutions in bf16, gradients reduced in fp32) and fp32 on CPU;
-'bf16' forces autocast; 'bf16_weights' is DeepSpeed's ``bf16`` mode (bf16 weights, fp32 master copy).
+'bf16' forces autocast; 'bf16_weights' is DeepSpeed's ``bf16`` mode (bf16 weights and BN statistics, fp32 master
+copy in the optimizer; inputs are cast to bf16 by :meth:`Engine.forward`).
 
 Checkpoints: :meth:`Engine.save` / :meth:`Engine.load` wrap DeepSpeed's, with the
 ``universal_checkpoint_info`` that :func:`convert_to_universal` needs to re-shard a checkpoint for another
@@ -198,6 +199,8 @@ def build_ds_config(train: TrainConfig, optim: OptimConfig, passthrough: Optiona
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     elif precision == "bf16_weights":
         cfg["bf16"] = {"enabled": True}
+        # DeepSpeed casts parameters only; BatchNorm needs its running statistics in the weights' dtype
+        cfg["data_types"] = {"buffer_dtype": "bf16"}
     elif precision != "fp32":
         raise ConfigError(f"train.precision: '{train.precision}' is not auto / fp32 / bf16 / bf16_weights")
     if load_universal:
@@ -246,6 +249,8 @@ class Engine:
         self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                  dist_init_required=False)
         self._micro = 0  # micro-batches done in the current optimizer step
+        # bf16 weights: DeepSpeed casts the module, not its inputs
+        self._input_dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else None
         self._grad_norm: Optional[torch.Tensor | float] = None
 
     @classmethod
@@ -331,8 +336,18 @@ class Engine:
         return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
-        """The model's forward through DeepSpeed (ZeRO-3 gathering, autocast when configured)."""
+        """The model's forward through DeepSpeed (ZeRO-3 gathering, autocast when configured). With bf16
+        weights, floating-point tensor arguments are cast to bf16 first."""
+        if self._input_dtype is not None:
+            cast = self._cast_input
+            args = tuple(cast(a) for a in args)
+            kwargs = {k: cast(v) for k, v in kwargs.items()}
         return self._ds(*args, **kwargs)
+
+    def _cast_input(self, x):
+        if torch.is_tensor(x) and x.is_floating_point():
+            return x.to(self._input_dtype)
+        return x
 
     def is_gradient_accumulation_boundary(self) -> bool:
         """Whether the next backward is the last micro-batch of the current optimizer step."""
@@ -464,19 +479,19 @@ def _grad_norm(params: Iterable[nn.Parameter]) -> Optional[torch.Tensor]:
 
 
 def saved_zero_stage(ckpt_dir: str | os.PathLike, tag: str) -> int:
-    """ZeRO stage of a checkpoint, from its file names (stage 0 has no ZeRO optimizer files)."""
+    """ZeRO stage of a checkpoint from its file names: 3 (per-rank model files), 2 (ZeRO-1 and 2 write the
+    same files), or 0 (no ZeRO optimizer files)."""
     path = Path(ckpt_dir) / tag
-    if glob.glob(str(path / "zero_pp_rank_*_mp_rank_*_optim_states.pt")):
-        # stage 3 writes per-rank model files as well
-        return 3 if glob.glob(str(path / "zero_pp_rank_*_mp_rank_*_model_states.pt")) else 2
-    if glob.glob(str(path / "bf16_zero_pp_rank_*_mp_rank_*_optim_states.pt")):
-        return 1  # stage 0 with bf16 weights keeps partitioned fp32 state like ZeRO-1
+    # DeepSpeed prefixes the file names with "bf16_" in bf16 mode
+    if glob.glob(str(path / "*zero_pp_rank_*_mp_rank_*_optim_states.pt")):
+        return 3 if glob.glob(str(path / "*zero_pp_rank_*_mp_rank_*_model_states.pt")) else 2
     return 0
 
 
 def saved_world_size(ckpt_dir: str | os.PathLike, tag: str) -> Optional[int]:
-    """Number of data-parallel ranks that wrote a ZeRO checkpoint (its optimizer shards); None for a stage-0
-    checkpoint, whose optimizer state is whole and loads on any number of ranks."""
+    """Number of data-parallel ranks that wrote a checkpoint's partitioned optimizer state (one file each;
+    ZeRO 1-3, and stage 0 with bf16 weights); None when the optimizer state is whole (fp32 / autocast stage
+    0), which loads on any number of ranks."""
     path = Path(ckpt_dir) / tag
     files = glob.glob(str(path / "*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
     return len(files) or None
@@ -524,7 +539,7 @@ def _convert(src: Path, out: Path, workers: int, timeout_s: Optional[int]) -> No
     if is_universal_checkpoint(out):
         log.info("universal checkpoint %s exists; reusing it", out)
         return
-    if saved_zero_stage(src.parent, src.name) == 0:
+    if saved_world_size(src.parent, src.name) is None:
         raise ConfigError(f"{src} is a ZeRO stage-0 checkpoint: its optimizer state is whole and it loads on any "
                           "number of ranks as it is; no universal conversion is needed")
     tmp = out.with_name(out.name + ".tmp")
@@ -564,7 +579,26 @@ def consolidate_fp32_state_dict(ckpt_dir: str | os.PathLike, tag: str) -> dict[s
     if not files:
         raise FileNotFoundError(f"{path} has no mp_rank_00_model_states.pt: not a DeepSpeed checkpoint")
     state = torch.load(files[0], map_location="cpu", weights_only=False)
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in state["module"].items()}
+    module = {k: (v.float() if v.is_floating_point() else v) for k, v in state["module"].items()}
+    _use_fp32_master(module, state["module"], state.get("optimizer"))
+    return module
+
+
+def _use_fp32_master(out: dict, saved: dict, optimizer_state) -> None:
+    """Stage 0 with bf16 weights: the module holds bf16 copies; put the optimizer's fp32 master weights in.
+
+    DeepSpeed stores them per param group without names, so each is matched to the module tensor of the
+    same shape whose bf16 value it rounds to."""
+    groups = optimizer_state.get("fp32_groups") if isinstance(optimizer_state, dict) else None
+    if not groups:
+        return
+    free = {k for k, v in saved.items() if v.dtype == torch.bfloat16}
+    for master in (t for g in groups for t in g):
+        for key in sorted(free):
+            if saved[key].shape == master.shape and torch.equal(saved[key], master.to(torch.bfloat16)):
+                out[key] = master.float().clone()
+                free.discard(key)
+                break
 
 
 # ----------------------------------------------------------------------------------------------------------

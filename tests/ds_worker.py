@@ -266,11 +266,24 @@ def scenario_universal(src: Path, out: Path, results: dict) -> None:
         del e
 
 
-def scenario_bf16(results: dict) -> None:
-    """DeepSpeed accepts our autocast section (bf16 on CPU) and trains."""
+def scenario_bf16(out: Path, results: dict) -> None:
+    """DeepSpeed accepts our autocast section (bf16 on CPU) and trains; bf16 weights (BN included) train at
+    ZeRO 0 and 2 with fp32 inputs, and their consolidated checkpoint holds the fp32 master weights."""
     engine = build(2, precision="bf16")
     results["bf16_losses"] = [train_step(engine, s) for s in range(3)]
     results["bf16_param_dtype"] = str(next(engine.module.parameters()).dtype)
+    del engine
+    for stage in (0, 2):
+        engine = build(stage, precision="bf16_weights")
+        results[f"bf16w_z{stage}_losses"] = [train_step(engine, s) for s in range(3)]
+        results[f"bf16w_z{stage}_dtypes"] = sorted({str(t.dtype) for t in engine.module.state_dict().values()})
+        engine.save(out / "ckpt_bf16w", f"z{stage}", {})
+        full = consolidate_fp32_state_dict(out / "ckpt_bf16w", f"z{stage}")
+        w = full["0.weight"]
+        results[f"bf16w_z{stage}_consolidated_fp32_master"] = (
+            w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())
+            and torch.equal(w.bfloat16(), dict(engine.module.named_parameters())["0.weight"].detach()))
+        del engine
 
 
 def main() -> None:
@@ -296,7 +309,7 @@ def main() -> None:
     if "universal" in only and args.universal_from:
         scenario_universal(Path(args.universal_from), out, results)
     if "bf16" in only and world == 1:
-        scenario_bf16(results)
+        scenario_bf16(out, results)
     (out / f"results_rank{rank}.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
     dist.destroy_process_group()

@@ -86,6 +86,7 @@ def test_precision(precision, device, expect):
         assert "bf16" not in cfg
     else:
         assert cfg["bf16"] == {"enabled": True} and "torch_autocast" not in cfg
+        assert cfg["data_types"] == {"buffer_dtype": "bf16"}  # BN statistics follow the weights
 
 
 def test_config_keys_are_the_ones_deepspeed_reads():
@@ -321,3 +322,13 @@ def test_bf16_autocast_trains_with_fp32_weights(runs):
     fp32 = res["z2_losses"][:3]
     assert res["bf16_losses"] != fp32  # bf16 arithmetic really ran
     assert res["bf16_losses"] == pytest.approx(fp32, rel=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_weights_train_and_export_fp32_master(runs, stage):
+    res = ds_launch.results(runs[1])
+    assert res[f"bf16w_z{stage}_dtypes"] == ["torch.bfloat16", "torch.int64"]  # BN statistics too
+    losses = res[f"bf16w_z{stage}_losses"]
+    assert all(l == l for l in losses) and losses == pytest.approx(res["z2_losses"][:3], rel=0.1)
+    assert res[f"bf16w_z{stage}_consolidated_fp32_master"]
