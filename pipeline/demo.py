@@ -157,27 +157,15 @@ def print_summary(runs: dict, ft: Optional[dict], out: Path, export: Path, total
                   f"{e.get('ema', {}).get('top1', float('nan')):>9.1f}%")
     if ft is not None:
         n_ft = _classes(out / "shards" / "transfer")
-        print(f"\nFine-tuning on the transfer set ({n_ft} classes, chance = {100 / n_ft:.1f}%): " +
-              ", ".join(f"{k} {v:.1f}%" for k, v in _flat_metrics(ft).items()))
+        r = ft["results"]
+        print(f"\nFine-tuning on the transfer set ({n_ft} classes, chance = {100 / n_ft:.1f}%), {ft['step']} steps "
+              f"@{ft['image_size']}px, {int(r['raw']['images'])} test images: raw top-1 {r['raw']['top1']:.1f}% / "
+              f"top-5 {r['raw']['top5']:.1f}%" + (f", EMA top-1 {r['ema']['top1']:.1f}% / top-5 {r['ema']['top5']:.1f}%"
+                                                 if "ema" in r else ""))
     print(f"\nTensorBoard:    tensorboard --logdir {out}")
     print(f"Exported model: {export}/model.safetensors (+ model.json)")
     print(f"Log of every command: {out / 'demo.log'}")
     print(f"Total demo time: {total_s:.0f}s")
-
-
-def _flat_metrics(ft: dict) -> dict:
-    """top-1 / top-5 entries of the fine-tuning metrics.json, whatever its nesting."""
-    out = {}
-
-    def walk(prefix: str, node) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix} {k}".strip(), v)
-        elif isinstance(node, (int, float)) and ("top1" in prefix or "top5" in prefix or "top-" in prefix):
-            out[prefix] = float(node)
-
-    walk("", ft)
-    return out
 
 
 if __name__ == "__main__":
