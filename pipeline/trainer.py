@@ -34,7 +34,8 @@ from pipeline.checkpoint import CheckpointManager, PreemptionHandler, latest, re
 from pipeline.config import Config, ConfigError, frozen_settings, load_config, save_resolved
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.ema import ModelEMA
-from pipeline.engine import Engine, consolidate_fp32_state_dict, convert_to_universal, init_distributed
+from pipeline.engine import (Engine, consolidate_fp32_state_dict, convert_to_universal, init_distributed,
+                             saved_zero_stage)
 from pipeline.export import ExportError, save_export
 from pipeline.metrics import MetricsLogger, StageAccounting, Throughput, gpu_memory_gb, write_json
 from pipeline.models import create_model
@@ -117,7 +118,11 @@ class Trainer:
             model = convert_sync_bn(model, device_type="cuda" if torch.cuda.is_available() else "cpu")
         if cfg.model.compile:
             model.compile()  # in place: state-dict keys stay free of '_orig_mod.'
-        universal = bool(self.resume_point and self.resume_point.needs_universal)
+        # Another world size: ZeRO 1-3 shards must be re-split through a universal checkpoint; a ZeRO-0
+        # checkpoint holds whole states and loads on any number of ranks as it is.
+        universal = bool(self.resume_point and self.resume_point.needs_universal
+                         and saved_zero_stage(self.resume_point.directory, self.resume_point.tag) > 0)
+        self._universal = universal
         self.engine = Engine.build(model, t, cfg.optim, cfg.deepspeed, micro_batch_size=self._micro(stage),
                                    load_universal=universal)
         self.model = self.engine.module
@@ -152,8 +157,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ resume
 
     def _resume(self, point) -> None:
-        self._print(point.message)
-        if point.needs_universal:
+        if point.needs_universal and not self._universal:
+            self._print(f"resuming from {point.path} (step {point.step}): a {point.saved_world_size}-rank ZeRO-0 "
+                        f"checkpoint on {self.world_size} rank(s); its states are whole, so it loads as it is")
+        else:
+            self._print(point.message)
+        if self._universal:
             convert_to_universal(point.directory, point.tag, point.universal_path)
             self.engine.load(point.universal_path.parent, point.universal_path.name)
         else:
