@@ -249,3 +249,17 @@ def test_tiny_config_loads():
     assert cfg.model.name == "efficientnetv2_test" and cfg.progressive.num_stages == 3
     with pytest.raises(ConfigError, match="train.zero_stag"):
         load_config(CONFIG, ["train.zero_stag=2"])
+
+
+def test_zero0_checkpoint_resumes_on_other_rank_count_without_conversion(shards, tmp_path):
+    run = tmp_path / "z0"
+    over = _overrides(shards, run, "train.total_steps=4", "checkpoint.every_steps=2", "train.zero_stage=0")
+    _run(tmp_path, 2, [{"overrides": over}])
+    # as if the run had been stopped after its step-2 checkpoint
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    (run / "summary.json").unlink()
+    proc = _run(tmp_path, 1, [{"overrides": over}])
+    assert "a 2-rank ZeRO-0 checkpoint on 1 rank(s)" in proc.stdout + proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["world_size"] == 1
+    assert not list((run / "checkpoints").glob("*_universal"))
