@@ -95,6 +95,7 @@ def test_feature_and_head_shapes():
     assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
     assert model.forward_head(feats).shape == (2, 10)
     assert model.pretrained_cfg["architecture"] == TINY and model.pretrained_cfg["num_classes"] == 10
+    assert model.default_cfg is model.pretrained_cfg
 
 
 def test_reset_classifier():

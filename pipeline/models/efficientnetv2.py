@@ -76,6 +76,11 @@ class EfficientNetV2(nn.Module):
     def drop_rate(self) -> float:
         return self.head_drop.p
 
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name for :attr:`pretrained_cfg` (sizes and defaults of the variant)."""
+        return self.pretrained_cfg
+
     # ---- runtime changes ---------------------------------------------------------------------------------
     def set_regularization(self, dropout: Optional[float] = None, drop_path: Optional[float] = None) -> None:
         """Change the classifier dropout and / or the stochastic-depth rate on the live model, without
