@@ -1,6 +1,8 @@
 # Every target sets itself up on a fresh clone: .venv, the package with its test extra, and (as root) the
 # Debian packages the test suite needs (a real one-node SLURM cluster: slurm-wlm, munge).
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# (pip's "WARNING: Location ... is ignored" lines, one per package the local index lacks, are filtered out)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,8 +17,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip >/dev/null 2>&1 || true
 	# torch / torchvision first, pinned to the releases that install from local disk on the CI machines
-	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q torch torchvision
-	$(BIN)/pip install -q -e '.[test]'
+	{ $(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q torch torchvision; } \
+	  2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/pip install -q -e '.[test]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	touch $(STAMP)
 
 sysdeps:
