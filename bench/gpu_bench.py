@@ -216,7 +216,8 @@ def _caused_by(e: BaseException, kind: type) -> bool:
 
 
 def _case_line(r: dict) -> str:
-    head = f"{r['model']:>4} {r['impl']:<4} {'compile' if r['compile'] else 'eager':<7} {r['size']:>4}px bs {r['batch']:>3}"
+    mode = "compile" if r["compile"] else "eager"
+    head = f"{r['model']:>4} {r['impl']:<4} {mode:<7} {r['size']:>4}px bs {r['batch']:>3}"
     if r["status"] != "ok":
         return f"{head}: {r['status']}"
     mem = f", peak {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else ""
@@ -227,12 +228,13 @@ def _case_line(r: dict) -> str:
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def run_plan(args, groups: list[dict]) -> list[dict]:
+def run_plan(args, groups: list[dict], results: list[dict]) -> None:
+    """Runs the groups, appending every case's result to ``results`` as it is known (so an interrupted plan
+    still leaves what it measured)."""
     out = Path(args.out)
     results_file = out / "gpu_bench.jsonl"
     results_file.unlink(missing_ok=True)
     deadline = time.monotonic() + args.budget
-    results: list[dict] = []
     for g in groups:
         left = deadline - time.monotonic()
         want = g["case_timeout"] * len(g["cases"]) + 30  # + process start and imports
@@ -245,16 +247,23 @@ def run_plan(args, groups: list[dict]) -> list[dict]:
         cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--worker", "--group", json.dumps(g),
                "--results", str(results_file), "--device", args.device, "--reps", str(args.reps),
                "--warmup", str(args.warmup), "--num-classes", str(args.num_classes), "--precision", args.precision]
+        # own process group: a timeout also ends inductor's compile workers
+        proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, timeout=min(want, left), cwd=REPO)
-            status = None if proc.returncode == 0 else f"worker exit {proc.returncode}"
-        except subprocess.TimeoutExpired:  # subprocess.run kills the worker
+            rc = proc.wait(min(want, left))
+            status = None if rc == 0 else f"worker exit {rc}"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             status = "timeout (group deadline)"
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            results += _read_lines(results_file)[len(before):]
+            raise
         done = _read_lines(results_file)[len(before):]
         results += done
         for c in g["cases"][len(done):]:
             results.append(dict(c, status=status or "not run"))
-    return results
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -269,8 +278,8 @@ def markdown(results: list[dict], meta: dict) -> str:
              f"{'bf16 autocast' if meta['precision'] == 'bf16' else 'fp32 (no autocast)'}, channels_last, batch per "
              f"case as shown, {meta['reps']} timed steps after {meta['warmup']} warm-up, synthetic data, "
              f"{meta['num_classes']} classes, RMSpropTF (pipeline.optim). Command: `{meta['command']}`", "",
-             "| model | size | batch | compile | ours images/s | timm images/s | ours / timm | ours ms/step | "
-             "ours peak GB | timm peak GB |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | size | batch | compile | ours images/s | timm images/s | ours / timm (> 1: ours faster) | "
+             "ours ms/step | ours peak GB | timm peak GB |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     keyed: dict[tuple, dict] = {}
     for r in results:
         keyed.setdefault((r["model"], r["size"], r["batch"], r["compile"]), {})[r["impl"]] = r
@@ -353,7 +362,17 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = run_plan(args, groups)
+    results: list[dict] = []
+    # gpu.sh's last-guard `timeout` sends SIGTERM: unwind, stop the worker, and still write the report
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    interrupted = None
+    try:
+        run_plan(args, groups, results)
+    except (KeyboardInterrupt, SystemExit) as e:
+        interrupted = e
+        seen = {(r["model"], r["impl"], r["compile"], r["size"]) for r in results}
+        results += [dict(c, status="not run (interrupted)") for g in groups for c in g["cases"]
+                    if (c["model"], c["impl"], c["compile"], c["size"]) not in seen]
     device_name = (torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available()
                    else f"CPU, {os.cpu_count()} cores")
     meta = {"device_name": device_name, "torch": torch.__version__, "timm": timm_version, "precision": args.precision,
@@ -365,6 +384,9 @@ def main(argv=None) -> int:
     (out / "gpu_bench.md").write_text(md)
     print("\n" + md)
     print(f"total {meta['seconds']:.0f}s; wrote {out / 'gpu_bench.json'} and {out / 'gpu_bench.md'}")
+    if interrupted is not None:
+        print("interrupted: the report holds the cases finished before the signal", file=sys.stderr)
+        return 130
     return 0
 
 

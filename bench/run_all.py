@@ -54,6 +54,7 @@ SUITE: dict[str, tuple[list[str], int, str, str]] = {
                 r"^ +1 rank +2 ranks|steady +\d|^whole run"),
 }
 DEFAULT = ([], 300, "(no settings in run_all.py: its defaults)", r"ratio|speed-?up|overhead")
+KILL_GRACE_S = 40  # torchrun's own grace for its ranks is 30 s
 NOT_BENCHMARKS = {"run_all", "gpu_bench"}  # this driver; the GPU bench (bench/gpu.sh)
 
 
@@ -86,7 +87,20 @@ def run_script(name: str, args: list[str], timeout: float, pick: str, log) -> di
     timed_out = threading.Event()
 
     def kill():
+        # SIGTERM first: torchrun puts its ranks into sessions of their own, out of reach of a group kill, and
+        # stops them only when it can handle the signal; SIGKILL what is left of the group after a grace period
         timed_out.set()
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + KILL_GRACE_S
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # anyone left in the group?
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -103,6 +117,8 @@ def run_script(name: str, args: list[str], timeout: float, pick: str, log) -> di
         rc = proc.wait()
     finally:
         timer.cancel()
+        if timed_out.is_set():
+            timer.join()  # the script's own children get their grace period before the next script starts
     seconds = time.perf_counter() - t0
     if timed_out.is_set():
         status = f"TIMEOUT after {timeout:.0f}s"

@@ -5,7 +5,8 @@ the tiny CPU config (efficientnetv2_test, 3 progressive stages at 32 / 48 / 64 p
 (``python -m shards write demo pretrain ...``), with the same cores for both: ``--threads`` intra-op threads
 for the 1-rank run, ``--threads / 2`` per rank for the 2-rank run (OMP_NUM_THREADS, with OMP_WAIT_POLICY=PASSIVE:
 see --omp-wait-policy). The global batch is the same; each rank takes ``global / N`` images per micro-batch (no
-accumulation), so both runs see the same samples per step. Runs alternate 1 / 2 / 1 / 2 ... (``--repeats`` each) so machine noise hits both alike.
+accumulation), so both runs see the same samples per step. Runs alternate 1 / 2 / 1 / 2 ... (``--repeats``
+each) so machine noise hits both alike.
 
 What is read back from each run folder:
 
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -87,8 +89,22 @@ def run_once(args, shards: Path, ranks: int, run_dir: Path, log: Path) -> dict:
     with open(log, "a") as f:
         f.write(f"\n$ OMP_NUM_THREADS={threads} OMP_WAIT_POLICY={args.omp_wait_policy} {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(threads, args.omp_wait_policy), stdout=f,
-                              stderr=subprocess.STDOUT, timeout=args.timeout)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(threads, args.omp_wait_policy), stdout=f,
+                                stderr=subprocess.STDOUT)
+        try:
+            proc.wait(args.timeout)
+        except subprocess.TimeoutExpired:
+            # SIGTERM lets torchrun stop its ranks (they run in sessions of their own); SIGKILL would orphan them
+            proc.terminate()
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise RuntimeError(f"{ranks}-rank run did not finish within --timeout {args.timeout}s; see {log}")
+        except BaseException:  # Ctrl-C or a signal: stop the run before leaving
+            proc.terminate()
+            proc.wait(40)
+            raise
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-25:])
@@ -125,6 +141,8 @@ def main(argv=None) -> int:
     if args.global_batch % 2:
         p.error("--global-batch must be even (it is split over 2 ranks)")
 
+    # a SIGTERM (bench/run_all.py's timeout) unwinds like Ctrl-C: the running torchrun is stopped, the folder removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_scaling_"))
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.log"
