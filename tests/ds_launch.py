@@ -7,6 +7,7 @@ test_engine.py and test_ema.py both assert on the same two launches (2 ranks, th
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -39,6 +40,21 @@ def launch(world: int, root: Path, env: dict, universal_from: Path | None = None
                              + "\n".join(lines[-60:]))
     _cache[world] = out
     return out
+
+
+def worker_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(WORKER.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env["DS_ACCELERATOR"] = "cpu"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def both_worlds(root: Path) -> dict[int, Path]:
+    """The 2-rank launch, then the 1-rank launch that loads its checkpoints: {world size: output folder}."""
+    two = launch(2, root, worker_env())
+    one = launch(1, root, worker_env(), universal_from=two)
+    return {1: one, 2: two}
 
 
 def results(out: Path, rank: int = 0) -> dict:

@@ -1,7 +1,6 @@
 """Weight EMA (pipeline/ema.py): the TF warm-up formula, BN statistics, swapping, state round trips; and under
 DeepSpeed ZeRO 0-3 on 1 and 2 CPU ranks (multi-process results from tests/ds_worker.py)."""
 
-import os
 
 import pytest
 import torch
@@ -153,20 +152,9 @@ def test_ema_follows_bf16_weights_in_float32():
 # ------------------------------------------------------------------------------------ DeepSpeed, 1 and 2 ranks
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ds_launch.WORKER.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    env["DS_ACCELERATOR"] = "cpu"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "ds_runs"
-    two = ds_launch.launch(2, root, _env())
-    one = ds_launch.launch(1, root, _env(), universal_from=two)
-    return {1: one, 2: two}
+    return ds_launch.both_worlds(tmp_path_factory.getbasetemp() / "ds_runs")
 
 
 def _load(path):

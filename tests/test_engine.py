@@ -2,7 +2,6 @@
 messages, checkpoint helpers; ZeRO 0-3 on 1 and 2 CPU ranks through tests/ds_worker.py (training, save /
 load, universal checkpoints, micro-batch changes, BN averaging)."""
 
-import os
 import subprocess
 import sys
 
@@ -209,20 +208,9 @@ def test_convert_sync_bn_keeps_statistics(monkeypatch):
 # -------------------------------------------------------------------------------- DeepSpeed, 1 and 2 ranks
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ds_launch.WORKER.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    env["DS_ACCELERATOR"] = "cpu"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "ds_runs"
-    two = ds_launch.launch(2, root, _env())
-    one = ds_launch.launch(1, root, _env(), universal_from=two)
-    return {1: one, 2: two}
+    return ds_launch.both_worlds(tmp_path_factory.getbasetemp() / "ds_runs")
 
 
 @pytest.mark.slow
