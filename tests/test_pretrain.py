@@ -263,3 +263,15 @@ def test_zero0_checkpoint_resumes_on_other_rank_count_without_conversion(shards,
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 4 and summary["world_size"] == 1
     assert not list((run / "checkpoints").glob("*_universal"))
+
+
+@pytest.mark.gpu
+def test_trains_on_gpu_with_bf16_autocast_and_channels_last(shards, tmp_path):
+    """precision 'auto' on CUDA: DeepSpeed's torch_autocast (bf16 compute, fp32 weights and BatchNorm)."""
+    run = tmp_path / "gpu"
+    _run(tmp_path, 1, [{"overrides": _overrides(shards, run, "train.precision=auto", "model.channels_last=true",
+                                                "train.zero_stage=2", *LEARN), "probe": str(tmp_path / "p.pt")}])
+    _loss_falls(run)
+    probe = torch.load(tmp_path / "p.pt")
+    assert probe["raw"].dtype == torch.float32 and torch.isfinite(probe["raw"]).all()
+    assert json.loads((run / "summary.json").read_text())["step"] == 24
