@@ -42,12 +42,13 @@ def main() -> int:
             average_bn_stats(trainer.model)
             trainer.engine.eval()
             x = probe_input(cfg.data.eval_image_size)
+            dev = trainer.engine.device
             with torch.no_grad():
-                raw = trainer.engine(x).float()
+                raw = trainer.engine(x.to(dev)).float().cpu()
                 ema = None
                 if trainer.ema is not None:
                     with trainer.ema.swapped():
-                        ema = trainer.engine(x).float()
+                        ema = trainer.engine(x.to(dev)).float().cpu()
             if trainer.is_main:
                 torch.save({"raw": raw, "ema": ema, "input": x}, run["probe"])
     return 0

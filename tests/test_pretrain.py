@@ -273,5 +273,5 @@ def test_trains_on_gpu_with_bf16_autocast_and_channels_last(shards, tmp_path):
                                                 "train.zero_stage=2", *LEARN), "probe": str(tmp_path / "p.pt")}])
     _loss_falls(run)
     probe = torch.load(tmp_path / "p.pt")
-    assert probe["raw"].dtype == torch.float32 and torch.isfinite(probe["raw"]).all()
+    assert torch.isfinite(probe["raw"]).all() and torch.isfinite(probe["ema"]).all()
     assert json.loads((run / "summary.json").read_text())["step"] == 24
