@@ -43,7 +43,7 @@ def main() -> None:
 
     from accelerate import Accelerator
 
-    from pipeline import finetune_lib as fl
+    from pipeline.losses import soft_cross_entropy
     from pipeline.config import load_config
     from pipeline.ema import ModelEMA
     from pipeline.finetune import Finetune
@@ -70,7 +70,7 @@ def main() -> None:
     def base_step():
         for _ in range(args.accum):
             b = next(feed)
-            loss = fl.soft_target_loss(base(b["image"]), b["target"]) / args.accum
+            loss = soft_cross_entropy(base(b["image"]), b["target"]) / args.accum
             loss.backward()
         base_opt.step()
         base_opt.zero_grad(set_to_none=True)

@@ -95,14 +95,6 @@ def _alarm(signum, frame):
     raise CaseTimeout()
 
 
-def soft_cross_entropy(logits, targets):
-    """The trainer's loss (pipeline.trainer.soft_cross_entropy), restated: importing the trainer would import
-    DeepSpeed and the data stack, which the GPU bench does not need."""
-    import torch
-
-    return torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
 def build_model(case: dict, num_classes: int):
     name = MODEL_NAMES[case["model"]]
     if case["impl"] == "ours":
@@ -119,6 +111,7 @@ def run_case(case: dict, args) -> dict:
     import torch
 
     from pipeline.config import OptimConfig
+    from pipeline.losses import soft_cross_entropy
     from pipeline.optim import build_optimizer
 
     dev = torch.device(args.device)

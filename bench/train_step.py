@@ -4,7 +4,7 @@ One step, for every variant, on the same in-memory batch (the loader is not meas
 
     ours        create_model('efficientnetv2_s') inside pipeline.engine.Engine (DeepSpeed ZeRO-2, one rank, fp32,
                 RMSpropTF from pipeline.optim), as the trainer runs it: set_lr, forward, soft-target
-                cross-entropy (pipeline.trainer.soft_cross_entropy), engine.backward, engine.step, then the
+                cross-entropy (pipeline.losses.soft_cross_entropy), engine.backward, engine.step, then the
                 EMA update (pipeline.ema.ModelEMA, weights and BN statistics)
     ours-plain  our model in a plain loop: forward, the same loss, backward, the same optimizer, our EMA.
                 Separates what DeepSpeed costs (ours / ours-plain) from what the model costs (ours-plain / timm)
@@ -69,7 +69,7 @@ def build_variants(args, images: torch.Tensor, targets: torch.Tensor) -> list[Va
     from pipeline.engine import Engine
     from pipeline.models import create_model
     from pipeline.optim import build_optimizer, lr_schedule
-    from pipeline.trainer import soft_cross_entropy
+    from pipeline.losses import soft_cross_entropy
 
     batch = images.shape[0]
     optim_cfg = OptimConfig(name="rmsprop_tf", lr_per_256=0.016, weight_decay=1e-5, warmup_steps=5)

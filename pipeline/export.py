@@ -25,7 +25,7 @@ EXPORT_FORMAT = "effnetv2-export"
 EXPORT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
-_PREFIXES = ("module.", "_orig_mod.", "model.")
+_PREFIXES = ("module.", "_orig_mod.")
 
 
 class ExportError(ValueError):
@@ -39,7 +39,7 @@ def strip_prefixes(state_dict: dict) -> dict:
         changed = True
         while changed:
             changed = False
-            for p in _PREFIXES[:2]:
+            for p in _PREFIXES:
                 if k.startswith(p):
                     k, changed = k[len(p):], True
         out[k] = v

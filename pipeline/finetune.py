@@ -20,6 +20,7 @@ import torch
 
 from pipeline import finetune_lib as fl
 from pipeline.config import Config, ConfigError, frozen_settings, load_config, save_resolved, to_dict
+from pipeline.losses import soft_cross_entropy
 
 INIT_EXPORT_DIR = "init_export"  # consolidated DeepSpeed init, written once per run
 EXPORT_DIR = "export"
@@ -293,7 +294,7 @@ class Finetune:
             # gradients are all-reduced only on the last micro-batch of the step
             sync = contextlib.nullcontext() if i == self.accum - 1 else acc.no_sync(self.model)
             with sync:
-                loss = fl.soft_target_loss(self.model(x), y)
+                loss = soft_cross_entropy(self.model(x), y)
                 acc.backward(loss / self.accum)
             total += loss.detach() / self.accum
         if self.cfg.optim.clip_grad_norm > 0:

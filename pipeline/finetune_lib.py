@@ -347,11 +347,6 @@ def result_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def soft_target_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against soft targets (label smoothing and mixing already in them), in float32."""
-    return -(target.float() * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, reduce_sum: Callable[[torch.Tensor], torch.Tensor],
              autocast: Optional[Callable[[], Any]] = None, ks: Sequence[int] = (1, 5)) -> dict[str, float]:

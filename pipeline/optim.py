@@ -21,7 +21,7 @@ Typical use::
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn

@@ -20,13 +20,11 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline import distributed
 from pipeline.bn import average_bn_stats, convert_sync_bn
@@ -37,6 +35,7 @@ from pipeline.ema import ModelEMA
 from pipeline.engine import (Engine, consolidate_fp32_state_dict, convert_to_universal, init_distributed,
                              saved_zero_stage)
 from pipeline.export import ExportError, save_export
+from pipeline.losses import soft_cross_entropy
 from pipeline.metrics import MetricsLogger, StageAccounting, Throughput, gpu_memory_gb, write_json
 from pipeline.models import create_model
 from pipeline.optim import lr_schedule
@@ -46,11 +45,6 @@ log = logging.getLogger(__name__)
 
 TRAINER_STATE_VERSION = 1
 RUN_META = "run.json"
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -sum(targets * log_softmax(logits)); targets (B, K) already smoothed / mixed."""
-    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def _load_rank_file(path: Path) -> dict:
@@ -152,7 +146,7 @@ class Trainer:
 
     def _print(self, msg: str) -> None:
         if self.is_main:
-            self.logger.print(msg) if hasattr(self, "logger") else print(msg, flush=True)
+            self.logger.print(msg)
 
     # ------------------------------------------------------------------------------------------ resume
 
@@ -284,10 +278,14 @@ class Trainer:
             loss_count += 1
 
             if self.step % t.log_every == 0 or self.step == self.total_steps:
-                mean_loss = distributed.all_reduce_mean(loss_sum / loss_count)
-                mean_loss = float(mean_loss)
+                # one collective: the ranks' mean losses and their bad-sample counts (every rank counts its own)
+                stats = self.loader.stats()
+                summed = distributed.all_reduce_sum(
+                    torch.stack([(loss_sum / loss_count).double().cpu(), torch.tensor(float(stats["bad_samples"]),
+                                                                                      dtype=torch.float64)]))
+                mean_loss = float(summed[0]) / self.world_size
                 losses.append((self.step, mean_loss))
-                self._log_step(stage, mean_loss, lr)
+                self._log_step(stage, mean_loss, lr, stats, bad=int(summed[1]))
                 loss_sum.zero_()
                 loss_count = 0
 
@@ -312,10 +310,7 @@ class Trainer:
         self.preempt.close()
         return summary
 
-    def _log_step(self, stage: Stage, loss: float, lr: float) -> None:
-        stats = self.loader.stats()
-        # bad samples summed over ranks: every rank counts its own
-        bad = int(distributed.all_reduce_sum(torch.tensor(float(stats["bad_samples"]))))
+    def _log_step(self, stage: Stage, loss: float, lr: float, stats: dict, bad: int) -> None:
         grad_norm = self.engine.grad_norm()
         values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                   "perf/images_per_s": self.throughput.rate, "data/samples_seen": self.samples_seen,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -124,7 +123,7 @@ def save_tensors(obj, path: Path) -> None:
 def scenario_train(out: Path, results: dict) -> None:
     """ZeRO 0-3: training makes the loss fall; EMA (decay 0.9, TF warm-up) full weights and EMA evaluation;
     save, load into a fresh engine, continue identically; per-rank EMA state round trip; consolidation."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     for stage in (0, 1, 2, 3):
         engine = build(stage)
         ema = ModelEMA(engine.module, decay=0.9, gathered_parameters=engine.gathered_parameters)

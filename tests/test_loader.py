@@ -290,7 +290,7 @@ def test_stage_change_with_new_batch_size_loses_and_repeats_nothing(data8):
 
 def test_corrupt_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path):
     root = tmp_path / "bad"
-    keys = write_shards(root, [6, 6, 6, 6], corrupt={"train00002"})
+    write_shards(root, [6, 6, 6, 6], corrupt={"train00002"})
     # cut shard 3 inside the jpg of its 4th sample: samples 3, 4, 5 of that shard are lost
     tar = root / "train-000003.tar"
     with tarfile.open(tar) as tf:
