@@ -15,6 +15,7 @@ others fail instead of hanging; the helpers below work with and without a proces
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
@@ -207,7 +208,25 @@ def init_distributed(backend: Optional[str] = None, timeout_s: int = 1800,
     if backend == "nccl":
         kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group(**kwargs)
+    register_shutdown()
     return env
+
+
+_SHUTDOWN_REGISTERED = False
+
+
+def register_shutdown() -> None:
+    """Destroy the process groups at interpreter exit, while Python is still whole (idempotent).
+
+    A process that exits with its groups alive leaves Gloo's C++ worker threads holding work objects whose
+    tensors reference Python; finalising the interpreter under them aborts the process (``terminate called
+    without an active exception``, SIGABRT) after an otherwise successful run, and the launcher then reports
+    the whole job as failed. Entry points also call :func:`destroy` themselves on the normal path.
+    """
+    global _SHUTDOWN_REGISTERED
+    if not _SHUTDOWN_REGISTERED:
+        atexit.register(destroy)
+        _SHUTDOWN_REGISTERED = True
 
 
 def is_initialized() -> bool:
@@ -292,5 +311,6 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 
 def destroy() -> None:
+    """Destroy every process group of this process (no-op without one); local, no collective."""
     if is_initialized():
         dist.destroy_process_group()

@@ -219,7 +219,7 @@ def init_distributed(timeout_s: int = 1800, backend: Optional[str] = None) -> tu
     process gets a one-rank group on an in-memory store (DeepSpeed needs a group; no port is opened, so
     concurrent single-process runs on one machine cannot collide).
     """
-    from pipeline.distributed import init_distributed as init_env  # noqa: PLC0415
+    from pipeline.distributed import init_distributed as init_env, register_shutdown  # noqa: PLC0415
 
     env = init_env(backend=backend, timeout_s=timeout_s)
     if not dist.is_initialized():
@@ -227,6 +227,7 @@ def init_distributed(timeout_s: int = 1800, backend: Optional[str] = None) -> tu
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        register_shutdown()
     return env.rank, env.world_size
 
 

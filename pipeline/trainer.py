@@ -492,4 +492,5 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
+    distributed.destroy()
     return 0 if summary else 1

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline import distributed  # noqa: E402
 from pipeline.bn import average_bn_stats  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.trainer import Trainer  # noqa: E402
@@ -51,6 +52,7 @@ def main() -> int:
                         ema = trainer.engine(x.to(dev)).float().cpu()
             if trainer.is_main:
                 torch.save({"raw": raw, "ema": ema, "input": x}, run["probe"])
+    distributed.destroy()
     return 0
 
 

@@ -115,3 +115,53 @@ def test_two_process_gloo_group(tmp_path, subprocess_env):
     for rank, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, out
         assert f"ok {rank}" in out
+
+
+def test_groups_destroyed_at_exit_without_explicit_destroy(tmp_path, subprocess_env):
+    """A run that ends without calling destroy() still tears its groups down before the interpreter finalises.
+
+    Gloo's worker threads outliving the interpreter abort the process (SIGABRT) after a successful run. The
+    check is an atexit hook registered before the group exists, so it runs after ours (atexit is LIFO).
+    """
+    script = tmp_path / "w.py"
+    script.write_text(textwrap.dedent("""
+        import atexit, os, sys
+        import torch.distributed as dist
+        from pipeline import distributed as D
+
+        def check():
+            print("alive at exit:", dist.is_initialized(), flush=True)
+
+        atexit.register(check)
+        env = D.init_distributed("gloo", timeout_s=60)
+        assert D.all_reduce_sum(env.rank + 1) == 3.0
+        print("reduced", env.rank, flush=True)
+    """))
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(subprocess_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, out
+        assert f"reduced {rank}" in out and "alive at exit: False" in out, out
+
+
+def test_one_process_engine_group_destroyed_at_exit(tmp_path, subprocess_env):
+    """The in-memory one-rank group DeepSpeed needs is torn down at exit too."""
+    script = tmp_path / "w.py"
+    script.write_text(textwrap.dedent("""
+        import atexit
+        import torch.distributed as dist
+        from pipeline.engine import init_distributed
+
+        atexit.register(lambda: print("alive at exit:", dist.is_initialized(), flush=True))
+        print(init_distributed(60), flush=True)
+    """))
+    env = {k: v for k, v in subprocess_env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "(0, 1)" in out.stdout and "alive at exit: False" in out.stdout, out.stdout + out.stderr
