@@ -123,4 +123,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from pipeline.distributed import exit_process
+
     main()
+    exit_process(0)

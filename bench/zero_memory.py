@@ -229,4 +229,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.distributed import exit_process
+
+    exit_process(main())

@@ -21,8 +21,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -314,3 +315,25 @@ def destroy() -> None:
     """Destroy every process group of this process (no-op without one); local, no collective."""
     if is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: Optional[int] = 0) -> NoReturn:
+    """End a training process: run its exit handlers and flush, then leave without finalising the interpreter.
+
+    :func:`destroy` does not stop every communication thread: Gloo keeps threads for groups that libraries
+    still reference (DeepSpeed holds its own copy of the world group), and they are torn down only while the
+    interpreter and the C++ runtime finalise. That teardown races with them and, now and then, aborts a
+    process whose run has finished (``terminate called without an active exception``, SIGABRT), which makes
+    torchrun or srun fail the whole job. Every ``atexit`` handler (our :func:`destroy`, logging's flush,
+    libraries' own) still runs here, with Python whole; only the finalisation is skipped (``os._exit``).
+    The entry points (``python -m pipeline.pretrain`` / ``pipeline.finetune``) end this way.
+    """
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # closed or broken pipe: nothing left to save
+                pass
+        os._exit(0 if code is None else int(code))

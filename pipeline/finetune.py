@@ -389,4 +389,6 @@ class _Limited:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.distributed import exit_process
+
+    exit_process(main())

@@ -3,9 +3,8 @@
 Started by torchrun, the deepspeed launcher or srun (pipeline.distributed reads whichever set the rank).
 """
 
-import sys
-
+from pipeline.distributed import exit_process
 from pipeline.trainer import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -315,4 +315,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from pipeline.distributed import exit_process  # noqa: E402
+
     main()
+    exit_process(0)

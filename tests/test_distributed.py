@@ -165,3 +165,31 @@ def test_one_process_engine_group_destroyed_at_exit(tmp_path, subprocess_env):
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "(0, 1)" in out.stdout and "alive at exit: False" in out.stdout, out.stdout + out.stderr
+
+
+def test_exit_process_runs_exit_handlers_flushes_and_keeps_the_code(tmp_path, subprocess_env):
+    """The entry points end through exit_process: exit handlers (the group teardown among them) and buffered
+    output are not lost by skipping the interpreter's finalisation, and the exit code survives."""
+    script = tmp_path / "w.py"
+    script.write_text(textwrap.dedent("""
+        import atexit, sys
+        import torch.distributed as dist
+        from pipeline import distributed as D
+
+        atexit.register(lambda: print("group alive in the last handler:", dist.is_initialized()))
+        env = D.init_distributed("gloo", timeout_s=60)
+        assert D.all_reduce_sum(1) == 2.0
+        sys.stdout.write("buffered, no newline")  # stdout is a pipe here: block-buffered
+        D.exit_process(3)
+    """))
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(subprocess_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 3, out + err
+        assert out.startswith("buffered, no newline") and "group alive in the last handler: False" in out, out

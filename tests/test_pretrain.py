@@ -170,7 +170,41 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out]
 
 
-EXACT = ("train.total_steps=8", "checkpoint.every_steps=4", "train.zero_stage=2", "train.precision=fp32")
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _kill9_launch(proc: subprocess.Popen) -> None:
+    """kill -9 the launcher and every rank, as a node failure would, and wait until they are all gone.
+
+    torchrun starts each rank in its own session, so killing the launcher's process group alone would leave
+    the ranks running (and writing checkpoints) as orphans.
+    """
+    tree, todo = [], [proc.pid]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(_children(pid))
+    for pid in reversed(tree):  # ranks (and their loader workers) first, the launcher last
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in tree):
+        assert time.monotonic() < deadline, f"processes still alive 60 s after SIGKILL: {tree}"
+        time.sleep(0.1)
+
+
+# 16 steps, killed once the step-4 checkpoint is complete: the steps after it leave the kill a wide margin
+EXACT_STEPS = 16
+EXACT = (f"train.total_steps={EXACT_STEPS}", "checkpoint.every_steps=4", "train.zero_stage=2", "train.precision=fp32")
 
 
 def test_exact_resume_after_kill_and_resume_on_other_rank_count(shards, tmp_path):
@@ -183,16 +217,15 @@ def test_exact_resume_after_kill_and_resume_on_other_rank_count(shards, tmp_path
     try:
         _wait_for(lambda: read_marker(ckpt4) is not None, proc, 300, "the step-4 checkpoint")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the launcher and every rank
-        proc.wait()
-    assert latest(broken) is not None and latest(broken) < 8
+        _kill9_launch(proc)
+    assert latest(broken) is not None and latest(broken) < EXACT_STEPS
 
     other = tmp_path / "other_world"
     shutil.copytree(broken, other)
 
     _run(tmp_path, 2, [{"overrides": _overrides(shards, broken, *EXACT)}])
     a, b = _losses_by_step(straight), _losses_by_step(broken)
-    assert sorted(a) == list(range(1, 9)) and sorted(b) == list(range(1, 9))
+    assert sorted(a) == list(range(1, EXACT_STEPS + 1)) and sorted(b) == list(range(1, EXACT_STEPS + 1))
     assert a == b, f"per-step losses differ after the resume:\n{a}\n{b}"
     sa, sb = _final_state(straight), _final_state(broken)
     assert sa.keys() == sb.keys()
@@ -203,11 +236,11 @@ def test_exact_resume_after_kill_and_resume_on_other_rank_count(shards, tmp_path
     resumed_from = latest(other)
     proc = _run(tmp_path, 1, [{"overrides": _overrides(shards, other, *EXACT)}])
     summary = json.loads((other / "summary.json").read_text())
-    assert summary["step"] == 8 and summary["world_size"] == 1
+    assert summary["step"] == EXACT_STEPS and summary["world_size"] == 1
     assert f"resuming a 2-rank checkpoint on 1 rank: converting to a universal checkpoint in " \
            f"{other / 'checkpoints' / f'step-{resumed_from:08d}_universal'}" in proc.stdout + proc.stderr
     steps = [r["step"] for r in _log(other)]
-    assert steps[-(8 - resumed_from):] == list(range(resumed_from + 1, 9))
+    assert steps[-(EXACT_STEPS - resumed_from):] == list(range(resumed_from + 1, EXACT_STEPS + 1))
 
 
 def test_preemption_signal_saves_exits_zero_and_resume_completes(shards, tmp_path):
@@ -215,12 +248,16 @@ def test_preemption_signal_saves_exits_zero_and_resume_completes(shards, tmp_pat
     over = _overrides(shards, run, "train.total_steps=60", "checkpoint.every_steps=0")
     proc = _start(tmp_path, 2, over)
     log = run / "train_log.jsonl"
-    _wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, proc, 300, "3 logged steps")
-    ranks = _children(proc.pid)
-    assert len(ranks) == 2, ranks
-    for pid in ranks:
-        os.kill(pid, signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=300)
+    try:
+        _wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, proc, 300, "3 logged steps")
+        ranks = _children(proc.pid)
+        assert len(ranks) == 2, ranks
+        for pid in ranks:
+            os.kill(pid, signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # failed above: leave no ranks behind to load the rest of the suite
+            _kill9_launch(proc)
     assert proc.returncode == 0, out[-4000:]
     step = latest(run)
     assert step is not None and 3 <= step < 60
