@@ -417,4 +417,6 @@ def job_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(job_main())
+    from pipeline.distributed import exit_process
+
+    exit_process(job_main())  # as the real entry points end
