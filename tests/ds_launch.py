@@ -17,7 +17,8 @@ WORKER = Path(__file__).resolve().parent / "ds_worker.py"
 _cache: dict[int, Path] = {}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it), for a launch's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -29,7 +30,7 @@ def launch(world: int, root: Path, env: dict, universal_from: Path | None = None
         return _cache[world]
     out = root / f"world{world}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(out)]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out)]
     if universal_from is not None:
         cmd += ["--universal-from", str(universal_from)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

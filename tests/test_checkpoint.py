@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import stat
 import threading
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from ds_launch import free_port
 from pipeline.checkpoint import (MARKER, CheckpointManager, PreemptionHandler, capture_rng_state, checkpoints_dir,
                                  latest, list_checkpoints, read_marker, restore_rng_state, step_tag)
 from pipeline.config import CheckpointConfig, Config, ConfigError, check_resume_compatible, frozen_settings
@@ -325,12 +325,6 @@ def test_requeue_runs_scontrol_on_rank0_under_slurm(tmp_path, monkeypatch, rc, c
         assert "could not requeue SLURM job 4242" in caplog.text and "boom" in caplog.text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -366,7 +360,7 @@ def test_two_ranks_agree_to_stop_when_one_got_the_signal(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(_two_rank_worker, args=(2, _free_port(), str(tmp_path / "run"), str(out)), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(2, free_port(), str(tmp_path / "run"), str(out)), nprocs=2, join=True)
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["triggered"] for r in results] == [False, True]
     assert [r["stopped_at"] for r in results] == [3, 3]
@@ -390,7 +384,7 @@ def test_cuda_rng_round_trip_and_nccl_agreement(monkeypatch):
 
     # should_stop on an NCCL group reduces a CUDA tensor (NCCL refuses CPU tensors).
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     torch.distributed.init_process_group("nccl", rank=0, world_size=1)
     try:
         with PreemptionHandler(["SIGUSR1"]) as h:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from ds_launch import free_port
 from pipeline import distributed as D
 
 
@@ -80,12 +80,6 @@ def test_helpers_without_a_process_group():
     D.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_group(tmp_path, subprocess_env):
     """init_distributed from torchrun-style variables, then the reductions, in two real processes."""
     script = tmp_path / "w.py"
@@ -104,7 +98,7 @@ def test_two_process_gloo_group(tmp_path, subprocess_env):
         D.destroy()
         print("ok", r)
     """))
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = dict(subprocess_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
@@ -137,7 +131,7 @@ def test_groups_destroyed_at_exit_without_explicit_destroy(tmp_path, subprocess_
         assert D.all_reduce_sum(env.rank + 1) == 3.0
         print("reduced", env.rank, flush=True)
     """))
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = dict(subprocess_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
@@ -182,7 +176,7 @@ def test_exit_process_runs_exit_handlers_flushes_and_keeps_the_code(tmp_path, su
         sys.stdout.write("buffered, no newline")  # stdout is a pipe here: block-buffered
         D.exit_process(3)
     """))
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = dict(subprocess_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",

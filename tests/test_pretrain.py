@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ds_launch import free_port
 from pipeline.checkpoint import latest, read_marker
 from pipeline.config import ConfigError, load_config
 from pipeline.export import model_from_export
@@ -43,7 +44,7 @@ def _env() -> dict:
 
 def _launch_cmd(nproc: int, spec: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(29500 + (os.getpid() % 1000) + nproc), WORKER, str(spec)]
+            str(free_port()), WORKER, str(spec)]
 
 
 def _run(tmp: Path, nproc: int, runs: list[dict], timeout: int = 600) -> subprocess.CompletedProcess:
