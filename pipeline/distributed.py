@@ -219,10 +219,10 @@ _SHUTDOWN_REGISTERED = False
 def register_shutdown() -> None:
     """Destroy the process groups at interpreter exit, while Python is still whole (idempotent).
 
-    A process that exits with its groups alive leaves Gloo's C++ worker threads holding work objects whose
-    tensors reference Python; finalising the interpreter under them aborts the process (``terminate called
-    without an active exception``, SIGABRT) after an otherwise successful run, and the launcher then reports
-    the whole job as failed. Entry points also call :func:`destroy` themselves on the normal path.
+    Groups left to the interpreter's finalisation keep Gloo's C++ worker threads running into it, where
+    releasing a finished collective's tensors needs the GIL and can abort the process. Destroying them here
+    covers the groups nobody else holds; those a library still references (DeepSpeed's copy of the world
+    group) keep their threads, which is why the entry points also end through :func:`exit_process`.
     """
     global _SHUTDOWN_REGISTERED
     if not _SHUTDOWN_REGISTERED:

@@ -114,7 +114,7 @@ def test_two_process_gloo_group(tmp_path, subprocess_env):
 def test_groups_destroyed_at_exit_without_explicit_destroy(tmp_path, subprocess_env):
     """A run that ends without calling destroy() still tears its groups down before the interpreter finalises.
 
-    Gloo's worker threads outliving the interpreter abort the process (SIGABRT) after a successful run. The
+    Gloo's worker threads running into the interpreter's finalisation can abort a finished run (SIGABRT). The
     check is an atexit hook registered before the group exists, so it runs after ours (atexit is LIFO).
     """
     script = tmp_path / "w.py"
