@@ -80,6 +80,22 @@ def test_helpers_without_a_process_group():
     D.barrier()
 
 
+def _two_ranks(script, subprocess_env) -> list[tuple[int, str, str]]:
+    """Run ``script`` as ranks 0 and 1 of a torchrun-style job on this machine: (exit code, stdout, stderr)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(subprocess_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        results.append((p.returncode, out, err))
+    return results
+
+
 def test_two_process_gloo_group(tmp_path, subprocess_env):
     """init_distributed from torchrun-style variables, then the reductions, in two real processes."""
     script = tmp_path / "w.py"
@@ -98,16 +114,8 @@ def test_two_process_gloo_group(tmp_path, subprocess_env):
         D.destroy()
         print("ok", r)
     """))
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(subprocess_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    for rank, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, out
+    for rank, (code, out, err) in enumerate(_two_ranks(script, subprocess_env)):
+        assert code == 0, out + err
         assert f"ok {rank}" in out
 
 
@@ -131,16 +139,8 @@ def test_groups_destroyed_at_exit_without_explicit_destroy(tmp_path, subprocess_
         assert D.all_reduce_sum(env.rank + 1) == 3.0
         print("reduced", env.rank, flush=True)
     """))
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(subprocess_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    for rank, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, out
+    for rank, (code, out, err) in enumerate(_two_ranks(script, subprocess_env)):
+        assert code == 0, out + err
         assert f"reduced {rank}" in out and "alive at exit: False" in out, out
 
 
@@ -176,14 +176,6 @@ def test_exit_process_runs_exit_handlers_flushes_and_keeps_the_code(tmp_path, su
         sys.stdout.write("buffered, no newline")  # stdout is a pipe here: block-buffered
         D.exit_process(3)
     """))
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(subprocess_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 3, out + err
+    for code, out, err in _two_ranks(script, subprocess_env):
+        assert code == 3, out + err
         assert out.startswith("buffered, no newline") and "group alive in the last handler: False" in out, out
