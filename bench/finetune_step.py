@@ -43,6 +43,7 @@ def main() -> None:
 
     from accelerate import Accelerator
 
+    from pipeline.data.mixing import one_hot_targets
     from pipeline.losses import soft_cross_entropy
     from pipeline.config import load_config
     from pipeline.ema import ModelEMA
@@ -58,7 +59,7 @@ def main() -> None:
     batches = []
     for _ in range(4):
         labels = torch.randint(k, (args.batch,), generator=g)
-        target = torch.nn.functional.one_hot(labels, k).float() * 0.9 + 0.1 / k
+        target = one_hot_targets(labels, k, smoothing=0.1)
         batches.append({"image": torch.randn(args.batch, 3, s, s, generator=g), "target": target})
 
     # baseline: a plain loop

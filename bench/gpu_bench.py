@@ -112,6 +112,7 @@ def run_case(case: dict, args) -> dict:
 
     from pipeline.config import OptimConfig
     from pipeline.losses import soft_cross_entropy
+    from pipeline.models import count_params
     from pipeline.optim import build_optimizer
 
     dev = torch.device(args.device)
@@ -119,7 +120,7 @@ def run_case(case: dict, args) -> dict:
     torch.manual_seed(0)
     model = build_model(case, args.num_classes)
     model = model.to(dev, memory_format=torch.channels_last).train()
-    params = sum(p.numel() for p in model.parameters())
+    params = count_params(model)
     opt = build_optimizer(OptimConfig(name="rmsprop_tf", lr_per_256=0.016), model, case["batch"])
     step_model = torch.compile(model, dynamic=False) if case["compile"] else model
     b, s = case["batch"], case["size"]

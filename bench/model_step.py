@@ -58,7 +58,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     models = {w: build(w, args.channels_last, args.drop_path) for w in ("ours", "timm")}
-    n_ours, n_timm = (sum(p.numel() for p in models[w].parameters()) for w in ("ours", "timm"))
+    from pipeline.models import count_params
+
+    n_ours, n_timm = (count_params(models[w]) for w in ("ours", "timm"))
     print(f"torch {torch.__version__}, threads {args.threads}, batch {args.batch}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, drop_path {args.drop_path}; "
           f"params ours {n_ours:,} timm {n_timm:,}")

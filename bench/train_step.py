@@ -68,7 +68,7 @@ def build_variants(args, images: torch.Tensor, targets: torch.Tensor) -> list[Va
     from pipeline.ema import ModelEMA
     from pipeline.engine import Engine
     from pipeline.models import create_model
-    from pipeline.optim import build_optimizer, lr_schedule
+    from pipeline.optim import build_optimizer, lr_schedule, set_lr
     from pipeline.losses import soft_cross_entropy
 
     batch = images.shape[0]
@@ -103,8 +103,7 @@ def build_variants(args, images: torch.Tensor, targets: torch.Tensor) -> list[Va
         box = {}
 
         def fwd(s):
-            for g in opt.param_groups:
-                g["lr"] = lr_fn(s["step"])
+            set_lr(opt, lr_fn(s["step"]))
             box["loss"] = soft_cross_entropy(model(x), targets)
 
         def bwd(s):
@@ -155,12 +154,14 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=2)
     args = p.parse_args(argv)
 
+    from pipeline.data.mixing import one_hot_targets
+
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     b, s = args.batch, args.image_size
     images = torch.randn(b, 3, s, s, generator=g)
     labels = torch.randint(1000, (b,), generator=g)
-    targets = torch.nn.functional.one_hot(labels, 1000).float() * 0.9 + 0.1 / 1000
+    targets = one_hot_targets(labels, 1000, smoothing=0.1)
 
     variants = build_variants(args, images, targets)
     torch.set_num_threads(args.threads)  # in case a library changed it while building

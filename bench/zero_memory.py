@@ -112,7 +112,7 @@ def worker(args) -> None:
 
     from pipeline.config import OptimConfig, TrainConfig
     from pipeline.engine import Engine
-    from pipeline.models import create_model
+    from pipeline.models import count_params, create_model
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -120,7 +120,7 @@ def worker(args) -> None:
     for stage in args.stages:
         torch.manual_seed(0)
         model = create_model(args.model, num_classes=args.num_classes)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = count_params(model)
         train = TrainConfig(global_batch_size=4 * args.world, micro_batch_size=2, zero_stage=stage,
                             precision="fp32", collective_timeout_s=600)
         engine = Engine.build(model, train, OptimConfig(name="adamw"), json.loads(args.deepspeed))

@@ -37,7 +37,6 @@ Typical use in the trainer::
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -55,7 +54,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from pipeline.config import CheckpointConfig, ConfigError
+from pipeline.config import CheckpointConfig, ConfigError, resume_refusal, settings_diff, settings_hash
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +314,7 @@ class CheckpointManager:
                 "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "unix_time": time.time(),
                 "world_size": self.world_size,
-                "settings_hash": _settings_hash(self.settings),
+                "settings_hash": None if self.settings is None else settings_hash(self.settings),
                 "settings": self.settings,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             })
@@ -402,7 +401,9 @@ class CheckpointManager:
             raise ConfigError(f"checkpoint.resume: rank {self.rank} cannot read {path / MARKER} that rank 0 "
                               "found; is the run dir on a filesystem every node shares?")
         if self.settings is not None and marker.get("settings") is not None:
-            _check_settings(marker["settings"], self.settings, path)
+            changed = settings_diff(marker["settings"], self.settings)
+            if changed:
+                raise resume_refusal(changed, f" from {path}")
         point = ResumePoint(path=path, step=int(marker["step"]), marker=marker,
                             saved_world_size=int(marker.get("world_size", 1)), world_size=self.world_size)
         if self.rank == 0:
@@ -460,23 +461,6 @@ def _torch_load(file: Path, ckpt: Path) -> dict:
                           "saving. Resume from another one (checkpoint.resume=<folder>) or delete this one")
     # Our own file in the user's run dir; it holds loader / EMA states the weights-only unpickler may refuse.
     return torch.load(file, map_location="cpu", weights_only=False)
-
-
-def _settings_hash(settings: Optional[Mapping[str, Any]]) -> Optional[str]:
-    if settings is None:
-        return None
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _check_settings(saved: Mapping[str, Any], now: Mapping[str, Any], path: Path) -> None:
-    """The comparison of ``pipeline.config.check_resume_compatible`` on stored dicts (JSON round-tripped: lists
-    stay lists), with the checkpoint named."""
-    norm = json.loads(json.dumps(dict(now)))
-    changed = [f"{k}: checkpoint {saved.get(k)!r} -> now {norm[k]!r}" for k in norm if saved.get(k) != norm[k]]
-    if changed:
-        raise ConfigError(f"cannot resume from {path}: settings that must not change on resume differ: "
-                          + "; ".join(changed) + ". Restore them, or start a new run (checkpoint.resume=none "
-                          "or another train.run_dir)")
 
 
 def _remove_checkpoint(path: Path) -> None:

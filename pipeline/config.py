@@ -363,14 +363,25 @@ def frozen_settings(cfg: Config) -> dict:
     return {k: _get(d, k) for k in FROZEN_ON_RESUME}
 
 
-def settings_hash(cfg: Config) -> str:
-    return hashlib.sha256(json.dumps(frozen_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
+def settings_hash(settings: dict) -> str:
+    """Short fingerprint of :func:`frozen_settings` (stored in checkpoint markers)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_diff(saved: dict, now: dict) -> list[str]:
+    """``"key: checkpoint A -> now B"`` for every frozen setting that differs. ``now`` is compared as stored
+    (JSON round-tripped: tuples become lists), so a value read back from a marker equals its origin."""
+    now = json.loads(json.dumps(dict(now)))
+    return [f"{k}: checkpoint {saved.get(k)!r} -> now {now[k]!r}" for k in now if saved.get(k) != now[k]]
+
+
+def resume_refusal(changed: list[str], where: str = "") -> ConfigError:
+    return ConfigError(f"cannot resume{where}: settings that must not change on resume differ: " + "; ".join(changed)
+                       + ". Restore them, or start a new run (checkpoint.resume=none or another train.run_dir)")
 
 
 def check_resume_compatible(saved: dict, cfg: Config) -> None:
     """Refuse a resume whose frozen settings differ; the message names every changed key."""
-    now = frozen_settings(cfg)
-    changed = [f"{k}: checkpoint {saved.get(k)!r} -> now {now[k]!r}" for k in now if saved.get(k) != now[k]]
+    changed = settings_diff(saved, frozen_settings(cfg))
     if changed:
-        raise ConfigError("cannot resume: settings that must not change on resume differ: " + "; ".join(changed)
-                          + ". Restore them, or start a new run (checkpoint.resume=none or another train.run_dir)")
+        raise resume_refusal(changed)

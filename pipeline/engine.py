@@ -59,6 +59,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import ConfigError, OptimConfig, TrainConfig
+from pipeline.optim import set_lr
 
 log = logging.getLogger(__name__)
 
@@ -379,8 +380,7 @@ class Engine:
 
     def set_lr(self, lr: float) -> None:
         """Learning rate of the next optimizer step (every param group)."""
-        for group in self._ds.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self._ds.optimizer, lr)
 
     def get_lr(self) -> float:
         return float(self._ds.optimizer.param_groups[0]["lr"])

@@ -21,29 +21,16 @@ from typing import Optional
 
 import torch
 
+from pipeline.models import strip_prefixes
+
 EXPORT_FORMAT = "effnetv2-export"
 EXPORT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 class ExportError(ValueError):
     """A user error about an export or a checkpoint to export; the message says what to do."""
-
-
-def strip_prefixes(state_dict: dict) -> dict:
-    """Remove wrapper prefixes (DDP 'module.', torch.compile '_orig_mod.') so keys match create_model()."""
-    out = {}
-    for k, v in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
 
 
 def save_export(state_dict: dict, meta: dict, out_dir: str | os.PathLike) -> Path:

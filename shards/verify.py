@@ -216,8 +216,9 @@ def verify(out: str | Path, workers: int = 1, decode: bool = True, progress: boo
                             f"(info.json: {info['splits'][split]['samples']})")
     if all_keys:
         keys = np.concatenate(all_keys)
-        if len(np.unique(keys)) != len(keys):
-            report.errors.append(f"{len(keys) - len(np.unique(keys))} duplicate sample keys across the dataset")
+        duplicates = len(keys) - len(np.unique(keys))
+        if duplicates:
+            report.errors.append(f"{duplicates} duplicate sample keys across the dataset")
     return report
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Mapping, NamedTuple, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -268,10 +268,3 @@ def centre_crop_box(size: tuple[int, int], crop: int) -> Box:
 def full_box(size: tuple[int, int]) -> Box:
     w, h = size
     return (0, 0, h, w)
-
-
-def as_size(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))

@@ -195,9 +195,6 @@ class HFPlan:
     def quota(self, epoch: int) -> int:
         return len(self.order(epoch)) // self.readers
 
-    def epoch_samples(self, epoch: int = 0) -> int:
-        return self.quota(epoch) * self.readers
-
     def stream(self, epoch: int, rank: int, worker: int, fetch=None) -> IndexStream:
         q = self.quota(epoch)
         slot = rank * self.workers + worker

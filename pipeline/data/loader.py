@@ -360,11 +360,6 @@ class TrainLoader:
         return self.plan.quota(self.epoch)
 
     @property
-    def epoch_samples(self) -> int:
-        """Samples all ranks together consume per epoch (a nominal epoch with resampling)."""
-        return self.plan.quota(0) * self.world_size * self.readers_per_rank
-
-    @property
     def dataset_samples(self) -> int:
         return self.source.dataset_samples
 

@@ -338,10 +338,6 @@ class TrainPlan:
             self._quota_cache[epoch] = q
         return self._quota_cache[epoch]
 
-    def epoch_samples(self, epoch: int = 0) -> int:
-        """Samples delivered per epoch over all readers."""
-        return self.quota(epoch) * self.readers
-
     # --- address streams
 
     def _seed(self, what: str, epoch: int, slot: int, *more) -> int:

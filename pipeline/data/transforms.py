@@ -151,6 +151,7 @@ class TrainTransform:
         self.hflip = float(cfg.hflip)
         self.cutout = int(cfg.cutout)
         self.fill = _fill_value(cfg.mean)
+        self._cutout_fill = torch.tensor(self.fill, dtype=torch.uint8).view(3, 1, 1)
         # Only make_params is used: it samples the box from the image size alone (torch global RNG).
         self.crop = v2.RandomResizedCrop(self.image_size, scale=tuple(cfg.crop_area), ratio=tuple(cfg.crop_ratio),
                                          antialias=True)
@@ -189,7 +190,7 @@ class TrainTransform:
         y0, y1 = max(0, cy - half), min(h, cy - half + self.cutout)
         x0, x1 = max(0, cx - half), min(w, cx - half + self.cutout)
         x = x.clone()
-        x[:, y0:y1, x0:x1] = torch.tensor(self.fill, dtype=torch.uint8).view(3, 1, 1)
+        x[:, y0:y1, x0:x1] = self._cutout_fill
         return x
 
     def __call__(self, sample: Mapping) -> torch.Tensor:

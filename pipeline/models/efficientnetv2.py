@@ -272,6 +272,23 @@ def _checkpoint_granularity(value: Union[bool, str, None]) -> Optional[str]:
     raise ValueError(f"grad_checkpointing={value!r}: expected False / 'none', True / 'block', or 'stage'")
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Remove wrapper prefixes (DDP 'module.', torch.compile '_orig_mod.') so keys match create_model()."""
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
 # ---- analysis ---------------------------------------------------------------------------------------------
 
 def count_params(model: nn.Module) -> int:

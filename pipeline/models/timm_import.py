@@ -10,11 +10,9 @@ import torch
 from torch import nn
 
 from .blocks import ConvBnAct, FusedMBConv, MBConv
-from .efficientnetv2 import EfficientNetV2
+from .efficientnetv2 import EfficientNetV2, strip_prefixes
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-# Prefixes added by DistributedDataParallel / DataParallel and by torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 12
 
 
@@ -78,16 +76,6 @@ def timm_key_map(model: EfficientNetV2) -> dict[str, str]:
     return mapping
 
 
-def _strip_wrappers(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _WRAPPER_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
-
-
 def _listing(keys: list[str]) -> str:
     shown = ", ".join(keys[:_MAX_LISTED])
     return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
@@ -112,7 +100,7 @@ def load_timm_state_dict(model: EfficientNetV2, state_dict: Mapping[str, Any], *
                f"checkpoint['state_dict_ema'])" if nested else ""
         raise ValueError(f"state dict has non-tensor values{hint}")
 
-    theirs = {_strip_wrappers(k): v for k, v in state_dict.items()}
+    theirs = strip_prefixes(dict(state_dict))
     mapping = timm_key_map(model)
     ours_sd = model.state_dict()
     if ignore_classifier:
