@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from pipeline.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN_CONFIG = REPO / "configs/demo/pretrain.yaml"
 FINETUNE_CONFIG = REPO / "configs/finetune/demo.yaml"
@@ -51,10 +53,6 @@ def _run(cmd: list[str], what: str, log: Path) -> float:
     return seconds
 
 
-def _port(offset: int) -> str:
-    return str(29400 + (os.getpid() + offset) % 2000)
-
-
 def write_shards(out: Path, log: Path, pretrain_args: list[str], transfer_args: list[str]) -> None:
     py = sys.executable
     for kind, args in (("pretrain", pretrain_args), ("transfer", transfer_args)):
@@ -69,7 +67,7 @@ def write_shards(out: Path, log: Path, pretrain_args: list[str], transfer_args: 
 def pretrain(out: Path, name: str, log: Path, overrides: list[str], ranks: int) -> tuple[Path, float]:
     run_dir = out / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-           _port(len(name)), "-m", "pipeline.pretrain", "--config", str(PRETRAIN_CONFIG),
+           str(free_port()), "-m", "pipeline.pretrain", "--config", str(PRETRAIN_CONFIG),
            f"data.train=[{out / 'shards' / 'pretrain'}]", f"train.run_dir={run_dir}", *overrides]
     seconds = _run(cmd, f"pretrain ({name}): DeepSpeed ZeRO-2, {ranks} ranks on CPU", log)
     return run_dir, seconds
@@ -113,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         launch = [sys.executable, "-m", "accelerate.commands.launch"]
         launch += ["--multi_gpu", "--num_processes", str(args.ranks)] if args.ranks > 1 else ["--num_processes", "1"]
         launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", _port(99)]
+                   "--main_process_port", str(free_port())]
         _run(launch + ["-m", "pipeline.finetune", "--config", str(FINETUNE_CONFIG), f"init={export}",
                        f"data.train=[{out / 'shards' / 'transfer'}]", f"train.run_dir={ft_dir}"],
              f"fine-tune on the transfer set with accelerate ({args.ranks} processes)", log)

@@ -20,6 +20,7 @@ import datetime
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -123,6 +124,13 @@ def first_host(nodelist: str) -> str:
     if not hosts:
         raise DistributedError(f"SLURM node list {nodelist!r} is empty; set MASTER_ADDR explicitly")
     return hosts[0]
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it), for a single-node launch's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def slurm_port(job_id: Optional[str]) -> int:

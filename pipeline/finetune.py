@@ -21,6 +21,7 @@ import torch
 from pipeline import finetune_lib as fl
 from pipeline.config import Config, ConfigError, frozen_settings, load_config, save_resolved, to_dict
 from pipeline.losses import soft_cross_entropy
+from pipeline.optim import set_lr
 
 INIT_EXPORT_DIR = "init_export"  # consolidated DeepSpeed init, written once per run
 EXPORT_DIR = "export"
@@ -281,8 +282,6 @@ class Finetune:
         return done < self.total_steps and self.schedule.stage_at(done).index != self.stage.index
 
     def _train_step(self, step: int) -> tuple[torch.Tensor, float]:
-        from pipeline.optim import set_lr
-
         acc = self.acc
         lr = self.lr_fn(step)
         set_lr(self.optimizer, lr)

@@ -12,11 +12,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from pipeline.checkpoint import CHECKPOINTS, checkpoints_dir, tag_step
 from pipeline.config import ConfigError, DataConfig, FinetuneConfig, ModelConfig
 
 TIMM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-CHECKPOINT_SUBDIR = "checkpoints"
-_STEP_RE = re.compile(r"^step-(\d+)$")
 _WNID_RE = re.compile(r"^n\d{8}$")
 _INIT_HELP = ("pass an export folder (python -m pipeline.export RUN_DIR --ema --out DIR), a pretraining run dir "
               "or its checkpoints/step-N folder, or a timm checkpoint file (.pth / .safetensors)")
@@ -136,10 +135,11 @@ def classify_init(path: Optional[str]) -> InitSource:
         raise FinetuneError(f"init={path}: a file that is not a checkpoint ({'/'.join(TIMM_SUFFIXES)}); {_INIT_HELP}")
     if is_export(p):
         return InitSource("export", p)
-    m = _STEP_RE.match(p.name)
-    if m and p.parent.name == CHECKPOINT_SUBDIR:
-        return InitSource("deepspeed", p, run_dir=p.parent.parent, step=int(m.group(1)))
-    if (p / CHECKPOINT_SUBDIR).is_dir() and any(_STEP_RE.match(c.name) for c in (p / CHECKPOINT_SUBDIR).iterdir()):
+    step = tag_step(p.name)
+    if step is not None and p.parent.name == CHECKPOINTS:
+        return InitSource("deepspeed", p, run_dir=p.parent.parent, step=step)
+    ckpts = checkpoints_dir(p)
+    if ckpts.is_dir() and any(tag_step(c.name) is not None for c in ckpts.iterdir()):
         return InitSource("deepspeed", p, run_dir=p, step=None)
     raise FinetuneError(f"init={path}: a folder that is neither an export (model.safetensors + model.json) nor a "
                         f"pretraining run with checkpoints/step-N; {_INIT_HELP}")

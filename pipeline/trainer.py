@@ -229,9 +229,7 @@ class Trainer:
 
     def _micro_step(self, batch: dict) -> torch.Tensor:
         dev = self.engine.device
-        images = batch["image"].to(dev, non_blocking=True)
-        if self.cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = batch["image"].to(dev, non_blocking=True)  # the model makes it channels_last if configured
         targets = batch["target"].to(dev, non_blocking=True)
         loss = soft_cross_entropy(self.engine(images), targets)
         self.engine.backward(loss)
@@ -349,8 +347,6 @@ class Trainer:
             if max_batches and i >= max_batches:
                 break  # every rank has the same number of batches, so all stop together
             images = batch["image"].to(dev)
-            if self.cfg.model.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             logits = self.engine(images).float().cpu()
             valid = batch["valid"]
             labels = batch["label"]

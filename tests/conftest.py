@@ -42,3 +42,15 @@ def subprocess_env():
     env["DS_ACCELERATOR"] = "cpu"
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only contend on the shared 2-core machine (100x slower here). Modules
+    opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

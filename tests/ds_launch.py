@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.distributed import free_port
+
 WORKER = Path(__file__).resolve().parent / "ds_worker.py"
 _cache: dict[int, Path] = {}
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (the OS picks it), for a launch's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world: int, root: Path, env: dict, universal_from: Path | None = None, timeout: int = 600) -> Path:

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from ds_launch import free_port
 from pipeline.checkpoint import (MARKER, CheckpointManager, PreemptionHandler, capture_rng_state, checkpoints_dir,
                                  latest, list_checkpoints, read_marker, restore_rng_state, step_tag)
 from pipeline.config import CheckpointConfig, Config, ConfigError, check_resume_compatible, frozen_settings
+from pipeline.distributed import free_port
 
 
 def _ckpt_cfg(**kw) -> CheckpointConfig:

@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 
-from ds_launch import free_port
 from pipeline import distributed as D
 
 
@@ -82,7 +81,7 @@ def test_helpers_without_a_process_group():
 
 def _two_ranks(script, subprocess_env) -> list[tuple[int, str, str]]:
     """Run ``script`` as ranks 0 and 1 of a torchrun-style job on this machine: (exit code, stdout, stderr)."""
-    port = str(free_port())
+    port = str(D.free_port())
     procs = []
     for rank in range(2):
         env = dict(subprocess_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",

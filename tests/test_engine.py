@@ -18,13 +18,7 @@ from pipeline.engine import (DEFAULT_REDUCE_BUCKET, accumulation_steps, build_ds
                              saved_world_size, saved_zero_stage)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend on the shared 2-core machine (100x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ds_config(train=None, optim=None, passthrough=None, **kw):

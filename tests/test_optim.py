@@ -13,13 +13,7 @@ from pipeline.optim import (Lamb, RMSpropTF, build_optimizer, lr_at, lr_schedule
 timm_optim = pytest.importorskip("timm.optim")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend on the shared 2-core machine (100x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ConvBN(nn.Module):

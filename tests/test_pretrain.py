@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_launch import free_port
 from pipeline.checkpoint import latest, read_marker
 from pipeline.config import ConfigError, load_config
+from pipeline.distributed import free_port
 from pipeline.export import model_from_export
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,16 +15,9 @@ from pipeline.data.transforms import (DecodeError, EvalTransform, RandAugment, T
                                       eval_crop_box)
 
 # We use torchvision's JPEG decoder knowingly while it exists (see decode.py); pytest resets warning filters.
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Transforms run in single-threaded loader workers; intra-op threads only add contention on tiny images.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Transforms run in single-threaded loader workers; intra-op threads only add contention on tiny images.
+pytestmark = [pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
