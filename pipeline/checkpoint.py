@@ -266,7 +266,7 @@ class CheckpointManager:
 
     def rank_file(self, step_or_path: Union[int, Path], rank: Optional[int] = None) -> Path:
         base = self.path(step_or_path) if isinstance(step_or_path, int) else Path(step_or_path)
-        return base / f"rank-{self.rank if rank is None else rank:05d}.pt"
+        return rank_file(base, self.rank if rank is None else rank)
 
     # ------------------------------------------------------------------ saving
 
@@ -445,17 +445,24 @@ class CheckpointManager:
         a different world do not belong to any one rank now (see :meth:`load_all_rank_states`)."""
         if point.needs_universal:
             return None
-        state = _torch_load(self.rank_file(point.path), point.path)
+        state = load_rank_file(point.path, self.rank)
         if restore_rng:
             restore_rng_state(state["rng"])
         return state
 
     def load_all_rank_states(self, point: ResumePoint) -> list[dict]:
         """Every saved rank's state, saved rank order (e.g. to re-split the data stream on a new world size)."""
-        return [_torch_load(self.rank_file(point.path, r), point.path) for r in range(point.saved_world_size)]
+        return [load_rank_file(point.path, r) for r in range(point.saved_world_size)]
 
 
-def _torch_load(file: Path, ckpt: Path) -> dict:
+def rank_file(ckpt: Union[str, os.PathLike], rank: int) -> Path:
+    """A checkpoint folder's per-rank state file (RNG, loader position, trainer state, EMA shard)."""
+    return Path(ckpt) / f"rank-{rank:05d}.pt"
+
+
+def load_rank_file(ckpt: Union[str, os.PathLike], rank: int) -> dict:
+    """One rank's saved state from a complete checkpoint folder; ConfigError naming the folder if it is gone."""
+    file = rank_file(ckpt, rank)
     if not file.is_file():
         raise ConfigError(f"checkpoint {ckpt} is marked complete but lacks {file.name}; it was damaged after "
                           "saving. Resume from another one (checkpoint.resume=<folder>) or delete this one")

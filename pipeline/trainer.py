@@ -28,7 +28,8 @@ import torch
 
 from pipeline import distributed
 from pipeline.bn import average_bn_stats, convert_sync_bn
-from pipeline.checkpoint import CheckpointManager, PreemptionHandler, latest, read_marker, step_tag
+from pipeline.checkpoint import (CheckpointManager, PreemptionHandler, checkpoints_dir, latest, load_rank_file,
+                                 read_marker, step_tag)
 from pipeline.config import Config, ConfigError, frozen_settings, load_config, save_resolved
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.ema import ModelEMA
@@ -45,10 +46,6 @@ log = logging.getLogger(__name__)
 
 TRAINER_STATE_VERSION = 1
 RUN_META = "run.json"
-
-
-def _load_rank_file(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -165,7 +162,7 @@ class Trainer:
         if mine is None:  # another world size: the per-rank states are re-split below
             states = self.ckpt.load_all_rank_states(point)
         else:  # rank 0's file holds the unsharded EMA; reading only it and ours keeps a resume O(ranks)
-            states = [mine if self.rank == 0 else _load_rank_file(self.ckpt.rank_file(point.path, 0))]
+            states = [mine if self.rank == 0 else load_rank_file(point.path, 0)]
         trainer_state = states[0]["trainer"]
         if trainer_state.get("version") != TRAINER_STATE_VERSION:
             raise ConfigError(f"{point.path}: trainer state version {trainer_state.get('version')} is not "
@@ -427,8 +424,8 @@ def export_checkpoint(run_dir: str | os.PathLike, *, step: Optional[int] = None,
     if step is None:
         step = latest(run)
         if step is None:
-            raise ExportError(f"{run}: no complete checkpoint under {run / 'checkpoints'}")
-    ckpt_dir = run / "checkpoints"
+            raise ExportError(f"{run}: no complete checkpoint under {checkpoints_dir(run)}")
+    ckpt_dir = checkpoints_dir(run)
     tag = step_tag(step)
     marker = read_marker(ckpt_dir / tag)
     if marker is None:
@@ -441,8 +438,7 @@ def export_checkpoint(run_dir: str | os.PathLike, *, step: Optional[int] = None,
     model = create_model(cfg.model.name, **model_kwargs(cfg, num_classes, None))
     raw = consolidate_fp32_state_dict(ckpt_dir, tag)
     if ema:
-        files = sorted((ckpt_dir / tag).glob("rank-*.pt"))
-        states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+        states = [load_rank_file(ckpt_dir / tag, r) for r in range(int(marker.get("world_size", 1)))]
         ema_states = [s["ema"] for s in states if "ema" in s]
         if not ema_states:
             raise ExportError(f"{ckpt_dir / tag}: holds no EMA weights (ema.enabled was false); export without --ema")
