@@ -617,10 +617,9 @@ def build_train_loader(cfg: DataConfig, *, stage, micro_batch_size: Optional[int
 
 class _EvalReaders(IterableDataset):
     def __init__(self, *, ranges: list[tuple[int, int]], addresses: Callable[[int, int], Iterator], make_fetch,
-                 workers: int, batch_size: int, transform: Callable, num_classes: int, multi_label: bool):
+                 batch_size: int, transform: Callable, image_size: int, num_classes: int, multi_label: bool):
         self.ranges, self.addresses, self.make_fetch = ranges, addresses, make_fetch
-        self.workers = max(1, workers)
-        self.batch_size, self.transform = batch_size, transform
+        self.batch_size, self.transform, self.image_size = batch_size, transform, image_size
         self.num_classes, self.multi_label = num_classes, multi_label
 
     def __iter__(self) -> Iterator[dict]:
@@ -633,10 +632,10 @@ class _EvalReaders(IterableDataset):
             for address in self.addresses(start, stop):
                 batch.append(self._one(address, fetch(address)))
                 if len(batch) == self.batch_size:
-                    yield self._collate(batch)
+                    yield self.collate(batch)
                     batch = []
             if batch:
-                yield self._collate(batch)
+                yield self.collate(batch)
         finally:
             if hasattr(fetch, "close"):
                 fetch.close()
@@ -651,25 +650,27 @@ class _EvalReaders(IterableDataset):
         except Exception:
             return None, None, key
 
-    def _collate(self, items: list) -> dict:
+    def collate(self, items: list) -> dict:
+        """A full-size batch (in the worker, so that the stacked tensor is what gets pinned): ``items`` first,
+        then padding (zeros, label -1, invalid); ``collate([])`` is an all-padding batch."""
         good = next((im for im, _, _ in items if im is not None), None)
-        shape = good.shape if good is not None else None
+        pad = torch.zeros(good.shape if good is not None else (3, self.image_size, self.image_size))
         n = self.batch_size
         valid = torch.zeros(n, dtype=torch.bool)
         label = torch.full((n,), -1, dtype=torch.long)
         keys = [""] * n
-        images = []
+        images = [pad] * n
         multi = torch.zeros(n, self.num_classes, dtype=torch.bool) if self.multi_label else None
         for i, (im, lab, key) in enumerate(items):
             keys[i] = key
             if im is not None:
                 valid[i] = True
                 label[i] = lab[0]
+                images[i] = im
                 if multi is not None:
                     multi[i, lab] = True
-            images.append(im)
-        out = {"valid": valid, "label": label, "key": keys, "__bad": sum(im is None for im, _, _ in items),
-               "__images": images, "__shape": shape}
+        out = {"image": torch.stack(images), "valid": valid, "label": label, "key": keys,
+               "__bad": sum(im is None for im, _, _ in items)}
         if multi is not None:
             out["labels"] = multi
         return out
@@ -685,32 +686,19 @@ class EvalLoader:
 
     def __init__(self, *, ranges_by_rank: list[list[tuple[int, int]]], rank: int, addresses, make_fetch,
                  workers: int, batch_size: int, transform: Callable, image_size: int, num_classes: int,
-                 multi_label: bool, describe: str, total: int):
-        self.rank = rank
+                 multi_label: bool):
         self.num_workers = max(0, workers)
-        self.readers = max(1, workers)
         self.batch_size = batch_size
         self.image_size = image_size
         self.num_classes = num_classes
-        self.total = total
-        self.describe = describe
-        self._ranges = ranges_by_rank[rank]
-        per_rank = [sum(math.ceil((b - a) / batch_size) for a, b in r) for r in ranges_by_rank]
-        self.num_batches = max(per_rank)
-        self._own_batches = per_rank[rank]
-        self._readers = _EvalReaders(ranges=self._ranges, addresses=addresses, make_fetch=make_fetch,
-                                     workers=self.readers, batch_size=batch_size, transform=transform,
+        self.num_batches = max(sum(math.ceil((b - a) / batch_size) for a, b in r) for r in ranges_by_rank)
+        self._readers = _EvalReaders(ranges=ranges_by_rank[rank], addresses=addresses, make_fetch=make_fetch,
+                                     batch_size=batch_size, transform=transform, image_size=image_size,
                                      num_classes=num_classes, multi_label=multi_label)
         self.bad_samples = 0
-        self.samples = sum(b - a for a, b in self._ranges)
-        self.multi_label = multi_label
 
     def __len__(self) -> int:
         return self.num_batches
-
-    def _pad_image(self, shape) -> torch.Tensor:
-        shape = shape if shape is not None else (3, self.image_size, self.image_size)
-        return torch.zeros(shape)
 
     def __iter__(self) -> Iterator[dict]:
         self.bad_samples = 0
@@ -721,21 +709,13 @@ class EvalLoader:
                                  pin_memory=torch.cuda.is_available()))
         produced = 0
         for rec in it:
-            shape = rec.pop("__shape")
-            images = rec.pop("__images")
             self.bad_samples += rec.pop("__bad")
-            pad = self._pad_image(shape)
-            images = images + [None] * (self.batch_size - len(images))
-            rec["image"] = torch.stack([im if im is not None else pad for im in images])
             produced += 1
             yield rec
-        n = self.batch_size
         for _ in range(self.num_batches - produced):
-            yield {"image": torch.zeros(n, 3, self.image_size, self.image_size),
-                   "label": torch.full((n,), -1, dtype=torch.long), "valid": torch.zeros(n, dtype=torch.bool),
-                   "key": [""] * n,
-                   **({"labels": torch.zeros(n, self.num_classes, dtype=torch.bool)}
-                      if self._readers.multi_label else {})}
+            rec = self._readers.collate([])
+            del rec["__bad"]
+            yield rec
 
 
 def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int, rank: int = 0,
@@ -779,4 +759,4 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int
     by_rank = [ranges[r * readers:(r + 1) * readers] for r in range(world_size)]
     return EvalLoader(ranges_by_rank=by_rank, rank=rank, addresses=addresses, make_fetch=make_fetch,
                       workers=workers, batch_size=micro_batch_size, transform=transform, image_size=image_size,
-                      num_classes=k, multi_label=multi, describe=describe, total=total)
+                      num_classes=k, multi_label=multi)
