@@ -41,23 +41,29 @@ def average_bn_stats(model: nn.Module, group: Optional[dist.ProcessGroup] = None
     """
     if not (dist.is_available() and dist.is_initialized()):
         return 0
-    world = dist.get_world_size(group)
     stats = bn_stat_tensors(model)
-    if world == 1 or not stats:
+    if dist.get_world_size(group) == 1 or not stats:
         return 0
-    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for t in stats:
-        by_dtype.setdefault((t.dtype, t.device), []).append(t)
-    for tensors in by_dtype.values():
-        # average in float32 even when the buffers are bf16 (bf16_weights mode), then write back
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    all_reduce_mean_(stats, group)
+    return len(stats)
+
+
+@torch.no_grad()
+def all_reduce_mean_(tensors: list[torch.Tensor], group: Optional[dist.ProcessGroup] = None) -> None:
+    """Average ``tensors`` across the ranks of ``group`` in place: one flat all-reduce per (dtype, device),
+    summed in float32 even for bf16 buffers (bf16_weights mode), then written back."""
+    world = dist.get_world_size(group)
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    for same in by_kind.values():
+        flat = torch.cat([t.reshape(-1).float() for t in same])
         dist.all_reduce(flat, group=group)
         flat.div_(world)
         offset = 0
-        for t in tensors:
+        for t in same:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
-    return len(stats)
 
 
 def convert_sync_bn(model: nn.Module, *, device_type: str, group: Optional[dist.ProcessGroup] = None) -> nn.Module:

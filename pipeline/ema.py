@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.bn import all_reduce_mean_
+
 __all__ = ["ModelEMA", "ema_decay", "unwrap"]
 
 STATE_VERSION = 1
@@ -168,13 +170,7 @@ class ModelEMA:
         _, world = _dist_world()
         if world == 1 or not self.buffer_shadow:
             return
-        flat = torch.cat([b.reshape(-1) for b in self.buffer_shadow])
-        dist.all_reduce(flat, group=group)
-        flat.div_(world)
-        offset = 0
-        for b in self.buffer_shadow:
-            b.copy_(flat[offset:offset + b.numel()].view_as(b))
-            offset += b.numel()
+        all_reduce_mean_(self.buffer_shadow, group)
 
     def _gather_full(self, shards: Sequence[torch.Tensor], params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
         """Whole tensors from every rank's ZeRO-3 partitions (collective): concatenated, all-gathered in

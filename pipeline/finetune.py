@@ -21,7 +21,7 @@ import torch
 from pipeline import finetune_lib as fl
 from pipeline.config import Config, ConfigError, frozen_settings, load_config, save_resolved, to_dict
 from pipeline.losses import soft_cross_entropy
-from pipeline.optim import set_lr
+from pipeline.optim import accumulation_steps, set_lr
 
 INIT_EXPORT_DIR = "init_export"  # consolidated DeepSpeed init, written once per run
 EXPORT_DIR = "export"
@@ -163,11 +163,7 @@ class Finetune:
         return stage.micro_batch_size or self.cfg.train.micro_batch_size
 
     def _accum_steps(self, stage) -> int:
-        micro, world, gb = self._micro(stage), self.world, self.cfg.train.global_batch_size
-        if gb % (micro * world):
-            raise ConfigError(f"train.global_batch_size={gb} is not a multiple of micro-batch {micro} x {world} "
-                              f"processes; choose sizes so that global = micro x processes x accumulation steps")
-        return gb // (micro * world)
+        return accumulation_steps(self.cfg.train.global_batch_size, self._micro(stage), self.world)
 
     def _consolidated_init(self) -> fl.InitWeights:
         """The main process turns the DeepSpeed checkpoint into an export under the run dir (kept, so a resume

@@ -225,6 +225,32 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch_size: int) 
     raise ConfigError(f"optim.name: '{cfg.name}' is not rmsprop_tf / adamw / lamb")
 
 
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int,
+                       micro_key: str = "train.micro_batch_size") -> int:
+    """global = micro x accumulation x world; refuses (naming the keys, suggesting values) when it does not
+    divide."""
+    if global_batch_size <= 0 or micro_batch_size <= 0 or world_size <= 0:
+        raise ConfigError(f"train.global_batch_size ({global_batch_size}), {micro_key} ({micro_batch_size}) and "
+                          f"the world size ({world_size}) must be positive")
+    per_rank, rem = divmod(global_batch_size, world_size)
+    if rem:
+        lo = global_batch_size - rem
+        raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by the {world_size} ranks; "
+                          f"use a multiple of {world_size} (e.g. {lo or world_size} or {lo + world_size})")
+    if per_rank % micro_batch_size:
+        divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+        near = sorted(divisors, key=lambda d: (abs(d - micro_batch_size), -d))[:2]
+        unit = micro_batch_size * world_size
+        lo = (global_batch_size // unit) * unit
+        options = [v for v in (lo, lo + unit) if v > 0]
+        raise ConfigError(
+            f"train.global_batch_size={global_batch_size} is not divisible by {micro_key}={micro_batch_size} x "
+            f"{world_size} ranks = {unit}: each rank's {per_rank} samples per step must be a whole number of "
+            f"micro-batches. Use {micro_key} in {sorted(near)} (divisors of {per_rank}), or "
+            f"train.global_batch_size in {options}")
+    return per_rank // micro_batch_size
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Write ``lr`` into every param group (works on a DeepSpeed engine's optimizer too)."""
     for group in optimizer.param_groups:
