@@ -358,6 +358,12 @@ def _get(cfg_dict: dict, dotted: str):
     return cur
 
 
+def model_options(m: ModelConfig) -> dict:
+    """The ``model`` section's layer / memory options as create_model() keyword arguments."""
+    return {"bn_eps": m.bn_eps, "bn_momentum": m.bn_momentum, "padding": m.padding,
+            "channels_last": m.channels_last, "grad_checkpointing": m.grad_checkpointing}
+
+
 def frozen_settings(cfg: Config) -> dict:
     d = to_dict(cfg)
     return {k: _get(d, k) for k in FROZEN_ON_RESUME}

@@ -72,6 +72,14 @@ def load_export(path: str | os.PathLike) -> tuple[dict, dict]:
     return load_file(str(p / WEIGHTS_FILE)), meta
 
 
+def architecture_meta(model) -> dict:
+    """The export's ``architecture`` block for a create_model() model: what :func:`model_from_export` passes
+    back to create_model (name, class count, and the options that change what the weights compute)."""
+    return {"name": model.pretrained_cfg["architecture"], "num_classes": model.num_classes,
+            "options": {"bn_eps": model.opts.bn_eps, "bn_momentum": model.opts.bn_momentum,
+                        "padding": model.opts.padding}}
+
+
 def model_from_export(path: str | os.PathLike, **overrides):
     """Build the exported architecture with create_model and load its weights (strict)."""
     from pipeline.models import create_model

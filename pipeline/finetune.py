@@ -337,7 +337,7 @@ class Finetune:
     def _finish(self, results: dict, step: int) -> dict:
         """metrics.json, the export of the fine-tuned model (the EMA weights unless configured otherwise)."""
         from pipeline.checkpoint import step_tag
-        from pipeline.export import save_export
+        from pipeline.export import architecture_meta, save_export
         from pipeline.metrics import write_json
 
         cfg, acc = self.cfg, self.acc
@@ -353,10 +353,7 @@ class Finetune:
         if acc.is_main_process:
             if state is None:
                 state = self.net.state_dict()
-            arch = {"name": cfg.model.name, "num_classes": self.num_classes,
-                    "options": {"bn_eps": self.net.opts.bn_eps, "bn_momentum": self.net.opts.bn_momentum,
-                                "padding": self.net.opts.padding}}
-            meta = {"architecture": arch, "classes": self.data.classes,
+            meta = {"architecture": architecture_meta(self.net), "classes": self.data.classes,
                     "image_size": {"train": self.stage.image_size, "eval": cfg.data.eval_image_size},
                     "mean": list(cfg.data.mean), "std": list(cfg.data.std),
                     "source": {"run_dir": str(self.run_dir), "tag": step_tag(step), "step": step,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CHECKPOINTS, checkpoints_dir, tag_step
-from pipeline.config import ConfigError, DataConfig, FinetuneConfig, ModelConfig
+from pipeline.config import ConfigError, DataConfig, FinetuneConfig, ModelConfig, model_options
 
 TIMM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _WNID_RE = re.compile(r"^n\d{8}$")
@@ -293,8 +293,7 @@ def build_model(init: InitWeights, model_cfg: ModelConfig, classes: Sequence[dic
         raise FinetuneError(f"init={init.source.path} holds {init.arch_name} weights but model.name is "
                             f"{model_cfg.name}; set model.name={init.arch_name} (and its eval size), or pass an "
                             f"init of {model_cfg.name}")
-    options = {"bn_eps": model_cfg.bn_eps, "bn_momentum": model_cfg.bn_momentum, "padding": model_cfg.padding,
-               "channels_last": model_cfg.channels_last, "grad_checkpointing": model_cfg.grad_checkpointing}
+    options = model_options(model_cfg)
     # Padding and BN eps define what the pretrained weights compute: the init's values win over the config's.
     for key in ("padding", "bn_eps"):
         if key in init.options and init.options[key] != options[key]:

@@ -30,12 +30,12 @@ from pipeline import distributed
 from pipeline.bn import average_bn_stats, convert_sync_bn
 from pipeline.checkpoint import (CheckpointManager, PreemptionHandler, checkpoints_dir, latest, load_rank_file,
                                  read_marker, step_tag)
-from pipeline.config import Config, ConfigError, frozen_settings, load_config, save_resolved
+from pipeline.config import Config, ConfigError, frozen_settings, load_config, model_options, save_resolved
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.ema import ModelEMA
 from pipeline.engine import (Engine, consolidate_fp32_state_dict, convert_to_universal, init_distributed,
                              saved_zero_stage)
-from pipeline.export import ExportError, save_export
+from pipeline.export import ExportError, architecture_meta, save_export
 from pipeline.losses import soft_cross_entropy
 from pipeline.metrics import MetricsLogger, StageAccounting, Throughput, gpu_memory_gb, write_json
 from pipeline.models import create_model
@@ -55,10 +55,8 @@ def seed_everything(seed: int) -> None:
 
 
 def model_kwargs(cfg: Config, num_classes: int, dropout: Optional[float]) -> dict:
-    m = cfg.model
-    return dict(num_classes=num_classes, drop_rate=dropout, drop_path_rate=m.drop_path_rate,
-                bn_eps=m.bn_eps, bn_momentum=m.bn_momentum, padding=m.padding, channels_last=m.channels_last,
-                grad_checkpointing=m.grad_checkpointing)
+    return dict(num_classes=num_classes, drop_rate=dropout, drop_path_rate=cfg.model.drop_path_rate,
+                **model_options(cfg.model))
 
 
 class Trainer:
@@ -450,9 +448,7 @@ def export_checkpoint(run_dir: str | os.PathLike, *, step: Optional[int] = None,
         state = raw
     model.load_state_dict(state, strict=True)  # the export must load into create_model as it is
     meta = {
-        "architecture": {"name": cfg.model.name, "num_classes": num_classes,
-                         "options": {"bn_eps": cfg.model.bn_eps, "bn_momentum": cfg.model.bn_momentum,
-                                     "padding": cfg.model.padding}},
+        "architecture": architecture_meta(model),
         "classes": run_meta["classes"],
         "image_size": {"train": run_meta["train_image_size"], "eval": run_meta["eval_image_size"]},
         "mean": list(cfg.data.mean), "std": list(cfg.data.std),

@@ -31,9 +31,9 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-FORMAT = "effnetv2-shards"
-SUPPORTED_VERSIONS = (1,)
-INFO_NAME = "info.json"
+from shards.format import FORMAT, FORMAT_VERSION, INFO_NAME  # the writer's contract, defined once
+
+SUPPORTED_VERSIONS = (FORMAT_VERSION,)
 WRITE_HINT = "python -m shards write KIND SRC OUT"
 
 
