@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from ds_launch import both_worlds, child_env
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,11 +39,13 @@ def repo_root() -> Path:
 @pytest.fixture
 def subprocess_env():
     """Environment for child processes (torchrun, accelerate, python -m ...): the source tree importable."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["DS_ACCELERATOR"] = "cpu"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+    return child_env()
+
+
+@pytest.fixture(scope="session")
+def ds_runs(tmp_path_factory):
+    """The two ds_worker.py launches test_engine and test_ema assert on: {world size: output folder}."""
+    return both_worlds(tmp_path_factory.getbasetemp() / "ds_runs")
 
 
 @pytest.fixture(scope="module")

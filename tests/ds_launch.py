@@ -1,7 +1,7 @@
-"""Runs tests/ds_worker.py under torchrun once per world size per test session; test modules share the results.
+"""Runs tests/ds_worker.py under torchrun; child-process environments and ports for every test launch.
 
 test_engine.py and test_ema.py both assert on the same two launches (2 ranks, then 1 rank loading the
-2-rank checkpoints), so the launches are cached here, in a module every test module imports once.
+2-rank checkpoints): conftest's session-scoped ``ds_runs`` fixture runs them once.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from pathlib import Path
 from pipeline.distributed import free_port
 
 WORKER = Path(__file__).resolve().parent / "ds_worker.py"
-_cache: dict[int, Path] = {}
 
 
 def launch(world: int, root: Path, env: dict, universal_from: Path | None = None, timeout: int = 600) -> Path:
-    """Run the worker on ``world`` ranks (once per session); returns its output folder."""
-    if world in _cache:
-        return _cache[world]
+    """Run the worker on ``world`` ranks; returns its output folder."""
     out = root / f"world{world}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out)]
@@ -33,16 +30,22 @@ def launch(world: int, root: Path, env: dict, universal_from: Path | None = None
                  if "[WARNING]" not in ln and "[INFO]" not in ln]
         raise AssertionError(f"ds_worker.py on {world} rank(s) failed (exit {proc.returncode}):\n"
                              + "\n".join(lines[-60:]))
-    _cache[world] = out
     return out
 
 
-def worker_env() -> dict:
+def child_env(**overrides: str) -> dict:
+    """Environment for child processes (torchrun, accelerate, python -m ...): the source tree importable,
+    CPU DeepSpeed, one OpenMP thread unless the caller's environment says otherwise; then ``overrides``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(WORKER.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
     env["DS_ACCELERATOR"] = "cpu"
-    env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(overrides)
     return env
+
+
+def worker_env() -> dict:
+    return child_env(OMP_NUM_THREADS="1")
 
 
 def both_worlds(root: Path) -> dict[int, Path]:

@@ -146,24 +146,19 @@ def test_ema_follows_bf16_weights_in_float32():
 # ------------------------------------------------------------------------------------ DeepSpeed, 1 and 2 ranks
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return ds_launch.both_worlds(tmp_path_factory.getbasetemp() / "ds_runs")
-
-
 def _load(path):
     return torch.load(path, weights_only=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
-def test_ema_zero2_and_zero3_agree(runs, world):
+def test_ema_zero2_and_zero3_agree(ds_runs, world):
     """Same data, same model: the sharded ZeRO-3 EMA gathers to the ZeRO-2 one (and ZeRO 0 / 1's)."""
-    res = ds_launch.results(runs[world])
+    res = ds_launch.results(ds_runs[world])
     assert res["z3_ema_sharded"] is True and res["z2_ema_sharded"] is False
-    ref = _load(runs[world] / "ema_z2.pt")
+    ref = _load(ds_runs[world] / "ema_z2.pt")
     for stage in (0, 1, 3):
-        other = _load(runs[world] / f"ema_z{stage}.pt")
+        other = _load(ds_runs[world] / f"ema_z{stage}.pt")
         assert list(other) == list(ref)
         for k in ref:
             torch.testing.assert_close(other[k], ref[k], rtol=1e-5, atol=1e-6, msg=f"ZeRO-{stage} {k}")
@@ -173,8 +168,8 @@ def test_ema_zero2_and_zero3_agree(runs, world):
 
 
 @pytest.mark.slow
-def test_ema_weights_do_not_depend_on_the_world_size(runs):
-    one, two = _load(runs[1] / "ema_z3.pt"), _load(runs[2] / "ema_z3.pt")
+def test_ema_weights_do_not_depend_on_the_world_size(ds_runs):
+    one, two = _load(ds_runs[1] / "ema_z3.pt"), _load(ds_runs[2] / "ema_z3.pt")
     params = [k for k in one if "running" not in k and "num_batches" not in k]
     for k in params:
         torch.testing.assert_close(one[k], two[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -182,9 +177,9 @@ def test_ema_weights_do_not_depend_on_the_world_size(runs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
-def test_ema_swap_evaluates_the_same_under_zero2_and_zero3(runs, world):
-    res = ds_launch.results(runs[world])
-    z2, z3 = _load(runs[world] / "eval_z2.pt"), _load(runs[world] / "eval_z3.pt")
+def test_ema_swap_evaluates_the_same_under_zero2_and_zero3(ds_runs, world):
+    res = ds_launch.results(ds_runs[world])
+    z2, z3 = _load(ds_runs[world] / "eval_z2.pt"), _load(ds_runs[world] / "eval_z3.pt")
     torch.testing.assert_close(z3["swapped"], z2["swapped"], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(z2["swapped"], z2["raw"])  # the EMA weights differ from the raw ones
     for stage in range(4):
@@ -193,18 +188,18 @@ def test_ema_swap_evaluates_the_same_under_zero2_and_zero3(runs, world):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
-def test_ema_state_round_trip_per_rank(runs, world):
-    res = ds_launch.results(runs[world])
+def test_ema_state_round_trip_per_rank(ds_runs, world):
+    res = ds_launch.results(ds_runs[world])
     for stage in range(4):
         assert res[f"z{stage}_ema_state_roundtrip"], f"ZeRO-{stage}"
         assert res[f"z{stage}_ema_num_updates"] == 8
 
 
 @pytest.mark.slow
-def test_sharded_ema_reshards_to_another_world_size(runs):
+def test_sharded_ema_reshards_to_another_world_size(ds_runs):
     """The 2-rank ZeRO-3 EMA files, loaded as a list on 1 rank (ZeRO-3 and ZeRO-2), give the same weights."""
-    ref = _load(runs[2] / "ema_z3.pt")
+    ref = _load(ds_runs[2] / "ema_z3.pt")
     for stage in (3, 2):
-        got = _load(runs[1] / f"ema_resharded_into_z{stage}.pt")
+        got = _load(ds_runs[1] / f"ema_resharded_into_z{stage}.pt")
         for k in ref:
             assert torch.equal(got[k], ref[k]), (stage, k)

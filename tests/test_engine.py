@@ -202,16 +202,11 @@ def test_convert_sync_bn_keeps_statistics(monkeypatch):
 # -------------------------------------------------------------------------------- DeepSpeed, 1 and 2 ranks
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return ds_launch.both_worlds(tmp_path_factory.getbasetemp() / "ds_runs")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stage_trains(runs, world, stage):
-    res = ds_launch.results(runs[world])
+def test_zero_stage_trains(ds_runs, world, stage):
+    res = ds_launch.results(ds_runs[world])
     assert res["world_size"] == world
     losses = res[f"z{stage}_losses"]
     assert len(losses) == 8 and all(l == l for l in losses)  # no NaN
@@ -221,11 +216,11 @@ def test_zero_stage_trains(runs, world, stage):
 
 
 @pytest.mark.slow
-def test_stages_and_world_sizes_compute_the_same_thing(runs):
+def test_stages_and_world_sizes_compute_the_same_thing(ds_runs):
     """Same global batches, same micro-batch composition: ZeRO stages and rank counts agree closely."""
-    ref = ds_launch.results(runs[1])["z0_losses"]
+    ref = ds_launch.results(ds_runs[1])["z0_losses"]
     for world in (1, 2):
-        res = ds_launch.results(runs[world])
+        res = ds_launch.results(ds_runs[world])
         for stage in range(4):
             assert res[f"z{stage}_losses"] == pytest.approx(ref, rel=1e-4), (world, stage)
 
@@ -233,9 +228,9 @@ def test_stages_and_world_sizes_compute_the_same_thing(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_save_load_round_trip(runs, world, stage):
+def test_save_load_round_trip(ds_runs, world, stage):
     """A fresh engine with other initial weights loads the checkpoint and continues bit for bit."""
-    res = ds_launch.results(runs[world])
+    res = ds_launch.results(ds_runs[world])
     assert res[f"z{stage}_client_state"] == {"step": 8, "note": "hello"}
     assert res[f"z{stage}_client_has_uc_info"]
     assert res[f"z{stage}_resumed"] == res[f"z{stage}_continue"]
@@ -244,8 +239,8 @@ def test_save_load_round_trip(runs, world, stage):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_set_lr_reaches_the_optimizer(runs, world, stage):
-    res = ds_launch.results(runs[world])
+def test_set_lr_reaches_the_optimizer(ds_runs, world, stage):
+    res = ds_launch.results(ds_runs[world])
     assert res[f"z{stage}_lr_zero_keeps_weights"]
     assert res[f"z{stage}_lr_reported"] == 0.0
     assert res[f"z{stage}_saved_world_size"] == (None if stage == 0 else world)
@@ -253,9 +248,9 @@ def test_set_lr_reaches_the_optimizer(runs, world, stage):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_consolidated_state_dict_is_the_model(runs, stage):
+def test_consolidated_state_dict_is_the_model(ds_runs, stage):
     """consolidate_fp32_state_dict gives the module's exact weights and its (rank-averaged) BN buffers."""
-    out = runs[2]
+    out = ds_runs[2]
     full = torch.load(out / f"consolidated_z{stage}.pt", weights_only=False)
     params = torch.load(out / f"params_z{stage}.pt", weights_only=False)
     for k, v in params.items():
@@ -264,21 +259,21 @@ def test_consolidated_state_dict_is_the_model(runs, stage):
 
 
 @pytest.mark.slow
-def test_universal_checkpoint_two_ranks_to_one(runs):
-    res = ds_launch.results(runs[1])
+def test_universal_checkpoint_two_ranks_to_one(ds_runs):
+    res = ds_launch.results(ds_runs[1])
     assert res["universal_saved_world"] == 2
     assert res["universal_client_step"] == 8
     assert res["universal_weights_maxdiff"] == 0.0
     # the optimizer state came along: the next steps match the 2-rank run's continuation
-    two = ds_launch.results(runs[2])
+    two = ds_launch.results(ds_runs[2])
     assert res["universal_continue"] == pytest.approx(two["z2_continue"], rel=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("stage", [2, 3])
-def test_micro_batch_change_keeps_the_global_batch(runs, world, stage):
-    res = ds_launch.results(runs[world])
+def test_micro_batch_change_keeps_the_global_batch(ds_runs, world, stage):
+    res = ds_launch.results(ds_runs[world])
     per_rank = 16 // world
     assert res[f"micro_z{stage}_one_big_gas"] == [1, 1]
     assert res[f"micro_z{stage}_small_gas"] == [per_rank // 2] * 2
@@ -289,17 +284,17 @@ def test_micro_batch_change_keeps_the_global_batch(runs, world, stage):
 
 
 @pytest.mark.slow
-def test_bn_statistics_averaged_across_ranks(runs):
-    res = ds_launch.results(runs[2])
+def test_bn_statistics_averaged_across_ranks(ds_runs):
+    res = ds_launch.results(ds_runs[2])
     assert res["bn_differ_before"], "the ranks' BN statistics should differ before averaging"
     assert res["bn_tensors_averaged"] == 4
     assert res["bn_close_to_mean"] and res["bn_equal_after"]
 
 
 @pytest.mark.slow
-def test_bf16_autocast_trains_with_fp32_weights(runs):
+def test_bf16_autocast_trains_with_fp32_weights(ds_runs):
     """DeepSpeed accepts the torch_autocast section (bf16 autocast works on CPU too); weights stay fp32."""
-    res = ds_launch.results(runs[1])
+    res = ds_launch.results(ds_runs[1])
     assert res["bf16_param_dtype"] == "torch.float32"
     fp32 = res["z2_losses"][:3]
     assert res["bf16_losses"] != fp32  # bf16 arithmetic really ran
@@ -308,8 +303,8 @@ def test_bf16_autocast_trains_with_fp32_weights(runs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2])
-def test_bf16_weights_train_and_export_fp32_master(runs, stage):
-    res = ds_launch.results(runs[1])
+def test_bf16_weights_train_and_export_fp32_master(ds_runs, stage):
+    res = ds_launch.results(ds_runs[1])
     assert res[f"bf16w_z{stage}_dtypes"] == ["torch.bfloat16", "torch.int64"]  # BN statistics too
     losses = res[f"bf16w_z{stage}_losses"]
     assert all(l == l for l in losses) and losses == pytest.approx(res["z2_losses"][:3], rel=0.1)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ds_launch import child_env
 from pipeline import finetune_lib as fl
 from pipeline.config import ModelConfig
 from pipeline.export import load_export, model_from_export, save_export
@@ -274,13 +275,7 @@ def _metrics(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def module_env():
     """conftest's subprocess_env for module-scoped runs (that fixture is per test)."""
-    import os
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["DS_ACCELERATOR"] = "cpu"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+    return child_env()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ds_launch import child_env
 from pipeline.checkpoint import latest, read_marker
 from pipeline.config import ConfigError, load_config
 from pipeline.distributed import free_port
@@ -37,9 +38,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return child_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 def _launch_cmd(nproc: int, spec: Path) -> list[str]:

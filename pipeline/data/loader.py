@@ -186,13 +186,6 @@ def _soft_targets(labels: list[list[int]], num_classes: int, smoothing: float) -
 # --------------------------------------------------------------------------------------- train reader
 
 
-@dataclass
-class _BadRecord:
-    key: str
-    url: str
-    reason: str
-
-
 class _TrainReaders(IterableDataset):
     """One epoch segment of one rank: iterated in each worker (or in-process), yields whole batches."""
 
@@ -258,7 +251,7 @@ class _TrainReaders(IterableDataset):
             keys.append(key)
             if err is not None:
                 url = content.url if isinstance(content, Missing) else content.get("__url__", "?")
-                bad.append(_BadRecord(key, url, err))
+                bad.append(Missing(key, url, err))
         good = [i for i, im in enumerate(images) if im is not None]
         if not good:
             # the whole batch failed: take a replacement from the shuffle buffer, which is the same in a
