@@ -274,7 +274,13 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
                            + self.logs())
 
     def release_now(self, job: str) -> None:
-        """Let a requeued job start at once: SLURM holds requeued jobs back (BeginTime = now + ~2 min)."""
+        """Let a requeued job start now: SLURM holds requeued jobs back (BeginTime = now + ~2 min).
+
+        slurmd revoked the old run's job credential when it killed it, and it refuses a new credential created
+        in the same whole second as that revocation ("Job credential revoked": the restart fails at once). So
+        the release waits out that second first, as SLURM's own hold would.
+        """
+        time.sleep(2.0)
         self.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=15)
 
 
