@@ -231,6 +231,31 @@ class Trainer:
         self.engine.step()
         return loss.detach()
 
+    def train_step(self, stage: Stage, lr: float) -> torch.Tensor:
+        """One optimizer step at ``lr`` (``grad_accum_steps`` micro-batches), the EMA update, the counters;
+        returns this rank's mean loss of the step (a device tensor: no host sync)."""
+        cfg = self.cfg
+        self.engine.set_lr(lr)
+        step_loss = torch.zeros((), device=self.engine.device)
+        accum = self.engine.grad_accum_steps
+        images = 0
+        for _ in range(accum):
+            batch = next(self.loader)
+            if self._grid_pending:
+                self.logger.image_grid(self.step, f"train_images/stage{stage.index}", batch["image"],
+                                       cfg.data.mean, cfg.data.std)
+                self._grid_pending = False
+            step_loss += self._micro_step(batch)
+            images += batch["image"].shape[0]
+        if self.ema is not None and self.step % cfg.ema.every == 0:
+            self.ema.update(self.step // cfg.ema.every)
+        self.step += 1
+        global_images = images * self.world_size
+        self.samples_seen += global_images
+        self.accounting.step(global_images)
+        self.throughput.update(global_images)
+        return step_loss / accum
+
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         if self.is_main:
@@ -248,26 +273,7 @@ class Trainer:
             if stage != self.stage:
                 self._enter_stage(stage)
             lr = self.lr_fn(self.step)
-            self.engine.set_lr(lr)
-            step_loss = torch.zeros((), device=self.engine.device)
-            accum = self.engine.grad_accum_steps
-            images = 0
-            for _ in range(accum):
-                batch = next(self.loader)
-                if self._grid_pending:
-                    self.logger.image_grid(self.step, f"train_images/stage{stage.index}", batch["image"],
-                                           cfg.data.mean, cfg.data.std)
-                    self._grid_pending = False
-                step_loss += self._micro_step(batch)
-                images += batch["image"].shape[0]
-            if self.ema is not None and self.step % cfg.ema.every == 0:
-                self.ema.update(self.step // cfg.ema.every)
-            self.step += 1
-            global_images = images * self.world_size
-            self.samples_seen += global_images
-            self.accounting.step(global_images)
-            self.throughput.update(global_images)
-            loss_sum += step_loss / accum
+            loss_sum += self.train_step(stage, lr)
             loss_count += 1
 
             if self.step % t.log_every == 0 or self.step == self.total_steps:

@@ -35,6 +35,7 @@ samples.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -291,6 +292,41 @@ class _TrainReaders(IterableDataset):
 # -------------------------------------------------------------------------------------- train loader
 
 
+@contextlib.contextmanager
+def _global_rngs_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's global CPU generators as they were before the block: reading in the
+    training process must not move the trainer's random streams (a worker process has its own)."""
+    py, nps, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(nps)
+        torch.set_rng_state(th)
+
+
+def _rngs_kept_per_item(it: Iterator) -> Iterator:
+    """``it``'s items, each produced under :func:`_global_rngs_kept` (the consumer runs between items)."""
+    while True:
+        with _global_rngs_kept():
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
+
+
+def _loader_generator(*parts: Any) -> torch.Generator:
+    """The generator a DataLoader draws its workers' base seed from when an iterator starts.
+
+    Without one it draws from torch's global generator: the trainer's dropout / stochastic-depth stream. A
+    run resumed mid-stage starts its reader processes at the resume step, where the uninterrupted run did
+    not, so every mask after it would differ (and a stage change or eval pass would shift the stream too).
+    The readers reseed per sample, so this seed only has to be deterministic, never shared with training.
+    """
+    return torch.Generator().manual_seed(stable_seed("dataloader", *parts) & 0x7FFFFFFFFFFFFFFF)
+
+
 def _default_transform(cfg: DataConfig, stage) -> Callable:
     from .transforms import TrainTransform
 
@@ -378,12 +414,8 @@ class TrainLoader:
             try:
                 if self.num_workers == 0:
                     # in-process readers reseed the global RNGs per sample; keep the trainer's streams intact
-                    py_state, torch_state = random.getstate(), torch.get_rng_state()
-                    try:
+                    with _global_rngs_kept():
                         rec = next(self._it)
-                    finally:
-                        random.setstate(py_state)
-                        torch.set_rng_state(torch_state)
                 else:
                     rec = next(self._it)
             except StopIteration:
@@ -420,7 +452,8 @@ class TrainLoader:
             self._it = iter(readers)
         else:
             self._dl = DataLoader(readers, batch_size=None, num_workers=self.num_workers,
-                                  pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                                  pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                                  generator=_loader_generator("train", self.seed, self.epoch, self.rank))
             self._it = iter(self._dl)
         self._started_batches = self.batches
 
@@ -696,10 +729,11 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict]:
         self.bad_samples = 0
         if self.num_workers == 0:
-            it = iter(self._readers)
+            it = _rngs_kept_per_item(iter(self._readers))
         else:
             it = iter(DataLoader(self._readers, batch_size=None, num_workers=self.num_workers,
-                                 pin_memory=torch.cuda.is_available()))
+                                 pin_memory=torch.cuda.is_available(),
+                                 generator=_loader_generator("eval", self.image_size, self.batch_size)))
         produced = 0
         for rec in it:
             self.bad_samples += rec.pop("__bad")

@@ -1,0 +1,123 @@
+"""The data machinery never moves the trainer's random streams (dropout, stochastic depth).
+
+A resumed run restarts its loader at the resume step, where the uninterrupted run did not; if starting reader
+processes (or an eval pass, or a stage change) drew from the global generators, every dropout mask after a
+mid-stage resume would differ from the uninterrupted run's. These tests compare the global RNG states (python,
+numpy, torch) around loader restarts and eval passes, with and without worker processes, and one real training
+step with and without a loader restart and an evaluation in between.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.loader import build_eval_loader
+from test_loader import cfg_for, loader, stage, write_shards
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _rng_states() -> tuple:
+    np_state = np.random.get_state()
+    return random.getstate(), (np_state[0], np_state[1].tobytes(), *np_state[2:]), torch.get_rng_state()
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rng_shards")
+    write_shards(root, [12, 12, 12, 12])
+    write_shards(root, [8, 8], split="val")
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_loader_restarts_leave_global_rngs_alone(small_shards, workers):
+    cfg = cfg_for([small_shards], workers=workers)
+    ld = loader(cfg, mbs=4)
+    try:
+        torch.manual_seed(1234)
+        before = _rng_states()
+        for _ in range(3):
+            next(ld)
+        ld.set_stage(stage(size=24, mbs=4, randaug=2.0))  # a stage change restarts the readers
+        for _ in range(3):
+            next(ld)
+        state = ld.state_dict()
+        ld.load_state_dict(state)  # a resume restarts them too
+        for _ in range(12):  # past the end of the epoch: a new epoch starts new readers
+            next(ld)
+        assert ld.epoch >= 1
+        assert _same(before, _rng_states()), "the training loader moved the global random generators"
+    finally:
+        ld.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_pass_leaves_global_rngs_alone(small_shards, workers):
+    cfg = cfg_for([small_shards], workers=workers, val=str(small_shards))
+    ev = build_eval_loader(cfg, image_size=24, micro_batch_size=4)
+    torch.manual_seed(99)
+    before = _rng_states()
+    assert sum(int(b["valid"].sum()) for b in ev) == 16
+    assert _same(before, _rng_states()), "an eval pass moved the global random generators"
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rng_demo") / "demo"
+    subprocess.run([sys.executable, "-m", "shards", "write", "demo", "pretrain", str(out), "--classes", "4",
+                    "--per-class", "16", "--val-per-class", "2", "--image-size", "48", "--shard-size", "8",
+                    "--no-progress", "--workers", "1"], check=True, cwd=REPO, capture_output=True)
+    return out
+
+
+@pytest.mark.slow
+def test_trainer_step_is_the_same_after_a_loader_restart_and_an_eval(demo_shards, tmp_path, monkeypatch):
+    """One DeepSpeed rank in this process, loader workers on: step 2 after a loader restart and an evaluation
+    between the steps gives the loss, weights and generator state of step 2 without them."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from pipeline.config import load_config
+    from pipeline.trainer import Trainer
+
+    def build(name: str) -> Trainer:
+        cfg = load_config(REPO / "configs/pretrain/tiny_cpu.yaml",
+                          [f"data.train=[{demo_shards}]", f"train.run_dir={tmp_path / name}", "data.workers=2",
+                           "train.global_batch_size=8", "train.micro_batch_size=8", "train.total_steps=8",
+                           "progressive.max_dropout=0.5", "progressive.min_dropout=0.5", "eval.micro_batch_size=4",
+                           "train.zero_stage=2"])
+        return Trainer(cfg)
+
+    results = []
+    for restart in (False, True):
+        tr = build(f"restart{int(restart)}")
+        try:
+            st = tr.schedule.stage_at(0)
+            tr._enter_stage(st)
+            tr.engine.train()
+            first = tr.train_step(st, 1e-3)
+            if restart:
+                tr.loader.set_stage(st)  # what a resume does: the readers start again at the same position
+                tr.evaluate()  # and what a periodic evaluation does between two steps
+            second = tr.train_step(st, 1e-3)
+            params = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+            results.append((float(first), float(second), torch.get_rng_state(), params))
+        finally:
+            tr.loader.close()
+            tr.logger.close()
+    (a1, a2, a_rng, a_params), (b1, b2, b_rng, b_params) = results
+    assert a1 == b1
+    assert a2 == b2, f"step 2's loss changed after a loader restart and an eval: {a2} vs {b2}"
+    assert torch.equal(a_rng, b_rng), "the torch generator differs after a loader restart and an eval"
+    for k in a_params:
+        assert torch.equal(a_params[k], b_params[k]), k
