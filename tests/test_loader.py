@@ -270,6 +270,24 @@ def test_stage_change_mid_epoch_changes_size_and_keeps_keys(data8):
     assert [b["image"].shape[-1] for b in first + rest] == [32] * 3 + [48] * 7
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stage_changes_at_epoch_ends_are_not_empty_epochs(data8, workers):
+    """Stages as long as an epoch: every stage change restarts the readers when they have just delivered the
+    epoch's last batch. The restarted readers have nothing left; that is the end of a full epoch, not an empty
+    one (two "empty" epochs in a row used to stop the run with 'produced no batch in a whole epoch')."""
+    root, all_keys = data8
+    ld = loader(cfg_for([root], workers=workers), mbs=4)
+    per_epoch = ld.batches_per_epoch()
+    seen = []
+    for s in range(4):
+        ld.set_stage(stage(size=24 + 8 * s, mbs=4, index=s))
+        seen.append(take(ld, per_epoch))
+        assert ld.epoch == s
+    ld.close()
+    for batches in seen:
+        assert sorted(keys_of(batches)) == sorted(all_keys)  # each stage one whole epoch, nothing lost
+
+
 def test_stage_change_with_new_batch_size_loses_and_repeats_nothing(data8):
     root, all_keys = data8
     cfg = cfg_for([root], workers=2)

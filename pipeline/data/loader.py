@@ -374,6 +374,7 @@ class TrainLoader:
         self._it: Optional[Iterator] = None
         self._dl: Optional[DataLoader] = None
         self._empty_epochs = 0
+        self._epoch_first_batch = 0  # self.batches when the current epoch began (or the loader was restored)
         # throughput window
         self.wait_s = 0.0
         self._win_start = time.perf_counter()
@@ -455,7 +456,6 @@ class TrainLoader:
                                   pin_memory=torch.cuda.is_available(), persistent_workers=False,
                                   generator=_loader_generator("train", self.seed, self.epoch, self.rank))
             self._it = iter(self._dl)
-        self._started_batches = self.batches
 
     def _stop(self) -> None:
         it, self._it, self._dl = self._it, None, None
@@ -474,7 +474,10 @@ class TrainLoader:
 
     def _end_epoch(self) -> None:
         self._stop()
-        if self.batches == self._started_batches:
+        # Empty means no batch in the whole epoch. An epoch whose last batch came just before a restart (a
+        # stage change at the epoch's end) also ends here with nothing new from the restarted readers: it is
+        # not empty, and it must not count towards the two empty epochs in a row that stop the run.
+        if self.batches == self._epoch_first_batch:
             self._empty_epochs += 1
             if self._empty_epochs > 1:
                 raise DataError(f"the loader produced no batch in a whole epoch ({self.source.describe}); "
@@ -483,6 +486,7 @@ class TrainLoader:
             self._empty_epochs = 0
         self._check_bad(force=True)
         self.epoch += 1
+        self._epoch_first_batch = self.batches
         self.positions = [0] * self.readers_per_rank
         self.next_reader = 0
         if self.history:
@@ -581,6 +585,7 @@ class TrainLoader:
         self.samples_seen = int(state["samples_seen"])
         self.bad_samples = int(state["bad_samples"]) if state.get("rank") == self.rank else 0
         self.batches = int(state.get("batches", 0))
+        self._epoch_first_batch = self.batches
         same_layout = (state["world_size"] == self.world_size and state["workers"] == self.readers_per_rank)
         history = [dict(h) for h in state.get("history", [])]
         if same_layout:
