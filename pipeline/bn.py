@@ -1,16 +1,20 @@
 """BatchNorm across ranks: average the running statistics, or convert to SyncBatchNorm.
 
 Data-parallel training (DeepSpeed ZeRO included) broadcasts parameters at start-up and keeps them equal,
-but every rank updates its BN running mean / var from its own batches, so the ranks drift apart. Before
-evaluating or saving, :func:`average_bn_stats` makes every rank hold the mean of all ranks' statistics
-(what a checkpoint saved from rank 0 then records for everyone). ``train.sync_bn`` instead normalises with
+but every rank updates its BN running mean / var from its own batches, so the ranks drift apart. For
+evaluating and saving, :func:`averaged_bn_stats` makes every rank hold the mean of all ranks' statistics
+(what a checkpoint saved from rank 0 then records for everyone) and gives each rank its own back afterwards:
+evaluating or saving never changes the training trajectory, so a run that saved at other steps (a
+preemption) continues bit for bit like one that did not. Each rank's own statistics go into its rank file
+(:func:`bn_stats_state` / :func:`load_bn_stats_state`) for an exact resume. ``train.sync_bn`` instead normalises with
 the statistics of the global batch (:func:`convert_sync_bn`), which costs an all-reduce per BN layer in
 every forward and needs GPUs.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,7 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline.config import ConfigError
 
-__all__ = ["average_bn_stats", "bn_stat_tensors", "convert_sync_bn"]
+__all__ = ["average_bn_stats", "averaged_bn_stats", "bn_stat_tensors", "bn_stats_state", "convert_sync_bn",
+           "load_bn_stats_state"]
 
 
 def bn_stat_tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -46,6 +51,36 @@ def average_bn_stats(model: nn.Module, group: Optional[dist.ProcessGroup] = None
         return 0
     all_reduce_mean_(stats, group)
     return len(stats)
+
+
+@contextlib.contextmanager
+def averaged_bn_stats(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> Iterator[None]:
+    """Inside the block every rank holds the cross-rank mean of the BN statistics (:func:`average_bn_stats`);
+    afterwards its own again, bit for bit. Collective: every rank of ``group`` must enter."""
+    stats = bn_stat_tensors(model)
+    backup = [t.detach().clone() for t in stats]
+    average_bn_stats(model, group)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, b in zip(stats, backup):
+                t.copy_(b)
+
+
+def bn_stats_state(model: nn.Module) -> list[torch.Tensor]:
+    """This rank's BN running statistics (copies, module order): what its rank file keeps for a resume."""
+    return [t.detach().to("cpu", copy=True) for t in bn_stat_tensors(model)]
+
+
+@torch.no_grad()
+def load_bn_stats_state(model: nn.Module, state: list[torch.Tensor]) -> None:
+    """Inverse of :func:`bn_stats_state` (same architecture)."""
+    stats = bn_stat_tensors(model)
+    if len(stats) != len(state) or any(t.shape != s.shape for t, s in zip(stats, state)):
+        raise ValueError(f"saved BN statistics ({len(state)} tensors) do not fit the model ({len(stats)})")
+    for t, s in zip(stats, state):
+        t.copy_(s)
 
 
 @torch.no_grad()

@@ -17,10 +17,12 @@ Where the EMA lives:
   :meth:`pipeline.engine.Engine.gathered_parameters`, so this module does not import DeepSpeed).
 
 BN running statistics differ per rank (DeepSpeed broadcasts parameters, not buffers); so do their EMAs.
-:meth:`ModelEMA.sync_buffers` averages them across ranks; ``full_state_dict`` and ``swapped`` call it.
+:meth:`ModelEMA.synced_buffers` averages them across ranks into new tensors; ``full_state_dict`` and ``swapped``
+use it (the EMA keeps each rank's own values).
 
 Checkpointing: :meth:`state_dict` is this rank's state, without communication. Unsharded, every rank's
-is the same (up to BN buffers; sync first), so rank 0's suffices. Sharded (ZeRO-3), every rank saves its
+is the same up to the BN-statistic EMAs (record :meth:`synced_buffers` in rank 0's state and keep each
+rank's own with :meth:`local_buffers`), so rank 0's suffices. Sharded (ZeRO-3), every rank saves its
 own; :meth:`load_state_dict` takes this rank's dict back, or the list of all ranks' dicts of a run with any
 number of ranks (it reassembles and re-slices), or a full (unsharded) dict.
 """
@@ -165,12 +167,28 @@ class ModelEMA:
     # distributed helpers
 
     @torch.no_grad()
-    def sync_buffers(self, group=None) -> None:
-        """Average the EMA of the BN statistics across ranks (collective; a no-op on one rank)."""
+    def synced_buffers(self, group=None) -> list[torch.Tensor]:
+        """The EMA of the BN statistics averaged across ranks, as new tensors (collective; on one rank the
+        EMA's own). The EMA itself keeps this rank's values: evaluating or saving does not change what the
+        next updates produce, so a run that saved at other steps continues bit for bit like one that did not."""
         _, world = _dist_world()
         if world == 1 or not self.buffer_shadow:
-            return
-        all_reduce_mean_(self.buffer_shadow, group)
+            return self.buffer_shadow
+        out = [b.detach().clone() for b in self.buffer_shadow]
+        all_reduce_mean_(out, group)
+        return out
+
+    def local_buffers(self) -> list[torch.Tensor]:
+        """This rank's own EMA of the BN statistics (copies): what its rank file keeps for an exact resume."""
+        return [b.detach().to("cpu", copy=True) for b in self.buffer_shadow]
+
+    @torch.no_grad()
+    def load_local_buffers(self, buffers: Sequence[torch.Tensor]) -> None:
+        """Inverse of :meth:`local_buffers`, after :meth:`load_state_dict` on the same number of ranks."""
+        if len(buffers) != len(self.buffer_shadow):
+            raise ValueError(f"saved EMA buffers ({len(buffers)}) do not fit the model ({len(self.buffer_shadow)})")
+        for b, s in zip(self.buffer_shadow, buffers):
+            b.copy_(s)
 
     def _gather_full(self, shards: Sequence[torch.Tensor], params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
         """Whole tensors from every rank's ZeRO-3 partitions (collective): concatenated, all-gathered in
@@ -229,10 +247,9 @@ class ModelEMA:
         """The EMA as an ordinary state dict of the model (float32 weights, CPU tensors).
 
         Collective when distributed (every rank must call it). With ``rank0_only`` the other ranks get None.
-        ``sync`` averages the BN-statistic EMAs across ranks first (see :meth:`sync_buffers`).
+        ``sync`` averages the BN-statistic EMAs across ranks (see :meth:`synced_buffers`).
         """
-        if sync:
-            self.sync_buffers()
+        buffers = self.synced_buffers() if sync else self.buffer_shadow
         rank, _ = _dist_world()
         if self.sharded:
             full_params = self._gather_full(self.shadow, self.params)
@@ -242,7 +259,7 @@ class ModelEMA:
             return None
         entries: dict[str, torch.Tensor] = {}
         entries.update(zip(self.param_names, full_params))
-        entries.update(zip(self.float_buffer_names, self.buffer_shadow))
+        entries.update(zip(self.float_buffer_names, buffers))
         entries.update(zip(self.other_buffer_names, self.other_shadow))
         return {key: entries[name].detach().to("cpu", copy=True) for key, name in self._state_dict_keys()}
 
@@ -254,8 +271,7 @@ class ModelEMA:
         ``sync`` averages the BN EMAs (every rank must enter). The optimizer's master weights are untouched,
         and the model's own values are restored exactly, bit for bit.
         """
-        if sync:
-            self.sync_buffers()
+        buffers = self.synced_buffers() if sync else self.buffer_shadow
         backup_buffers = [b.detach().clone() for b in self.float_buffers]
         backup_other = [b.detach().clone() for b in self.other_buffers]
         if self.sharded:
@@ -267,7 +283,7 @@ class ModelEMA:
                 _copy_(list(p.data for p in self.params), self.shadow)
         with torch.no_grad():
             if self.float_buffers:
-                _copy_(self.float_buffers, self.buffer_shadow)
+                _copy_(self.float_buffers, buffers)
             if self.other_buffers:
                 torch._foreach_copy_(self.other_buffers, self.other_shadow)
         try:
@@ -312,9 +328,11 @@ class ModelEMA:
     # ------------------------------------------------------------------------------------------------------
     # checkpoint state
 
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's EMA state (no communication). Sharded under ZeRO-3: every rank saves its own."""
+    def state_dict(self, buffers: Optional[Sequence[torch.Tensor]] = None) -> dict[str, Any]:
+        """This rank's EMA state (no communication). Sharded under ZeRO-3: every rank saves its own.
+        ``buffers``: the BN-statistic EMAs to record instead of this rank's (e.g. :meth:`synced_buffers`)."""
         rank, world = _dist_world()
+        buffers = self.buffer_shadow if buffers is None else buffers
         return {
             "version": STATE_VERSION,
             "decay": self.decay,
@@ -324,7 +342,7 @@ class ModelEMA:
             "rank": rank,
             "world_size": world,
             "params": {n: t.detach().clone() for n, t in zip(self.param_names, self.shadow)},
-            "buffers": {n: t.detach().clone() for n, t in zip(self.float_buffer_names, self.buffer_shadow)},
+            "buffers": {n: t.detach().clone() for n, t in zip(self.float_buffer_names, buffers)},
             "other_buffers": {n: t.detach().clone() for n, t in zip(self.other_buffer_names, self.other_shadow)},
         }
 

@@ -13,6 +13,7 @@ shard under ZeRO-3; rank 0's full copy otherwise); ``COMPLETE.json`` last, with 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.bn import average_bn_stats, convert_sync_bn
+from pipeline.bn import averaged_bn_stats, bn_stats_state, convert_sync_bn, load_bn_stats_state
 from pipeline.checkpoint import (CheckpointManager, PreemptionHandler, checkpoints_dir, latest, load_rank_file,
                                  read_marker, step_tag)
 from pipeline.config import Config, ConfigError, frozen_settings, load_config, model_options, save_resolved
@@ -175,22 +176,37 @@ class Trainer:
                 self.ema.load_state_dict(mine["ema"] if mine is not None else [s["ema"] for s in states])
             else:
                 self.ema.load_state_dict(states[0]["ema"])
+        if mine is not None:
+            # The checkpoint's module holds the cross-rank mean of the BN statistics (and rank 0's EMA state
+            # their mean EMA); each rank trained on with its own, so it continues with its own. After a
+            # world-size change the mean is the only sensible start for every new rank.
+            if "bn" in mine and not self.cfg.train.sync_bn:
+                load_bn_stats_state(self.model, mine["bn"])
+            if self.ema is not None and "ema_buffers" in mine:
+                self.ema.load_local_buffers(mine["ema_buffers"])
+
+    def _bn_averaged(self):
+        """BN statistics averaged across ranks inside, each rank's own again after (see pipeline.bn)."""
+        return contextlib.nullcontext() if self.cfg.train.sync_bn else averaged_bn_stats(self.model)
 
     def _save(self) -> None:
-        if not self.cfg.train.sync_bn:
-            average_bn_stats(self.model)
+        """A checkpoint that does not change the run: the model and EMA files get the cross-rank mean of the BN
+        statistics (and of their EMA), the rank files each rank's own, which the training goes on with."""
         rank_state = {
             "trainer": {"version": TRAINER_STATE_VERSION, "step": self.step, "samples_seen": self.samples_seen},
             "loader": self.loader.state_dict(),
+            "bn": bn_stats_state(self.model),
         }
         if self.ema is not None:
-            self.ema.sync_buffers()  # the EMA of BN statistics, like the statistics, the same on every rank
+            buffers = self.ema.synced_buffers()  # collective: before any rank-dependent branch
             if self.ema.sharded or self.is_main:
-                rank_state["ema"] = self.ema.state_dict()
+                rank_state["ema"] = self.ema.state_dict(buffers=buffers)
+            rank_state["ema_buffers"] = self.ema.local_buffers()
         client = {"step": self.step, "samples_seen": self.samples_seen}
-        self.ckpt.save(self.step, lambda d, tag: self.engine.save(d, tag, client), rank_state,
-                       extra={"stage": self.schedule.stage_at(max(self.step - 1, 0)).index,
-                              "samples_seen": self.samples_seen})
+        with self._bn_averaged():
+            self.ckpt.save(self.step, lambda d, tag: self.engine.save(d, tag, client), rank_state,
+                           extra={"stage": self.schedule.stage_at(max(self.step - 1, 0)).index,
+                                  "samples_seen": self.samples_seen})
 
     # ------------------------------------------------------------------------------------------ stages
 
@@ -370,16 +386,15 @@ class Trainer:
 
     def evaluate(self) -> dict:
         size = self.stage.image_size if (self.cfg.eval.at_stage_size and self.stage) else self.cfg.data.eval_image_size
-        if not self.cfg.train.sync_bn:
-            average_bn_stats(self.model)
         loader = self._eval_loader(size)
         was_training = self.model.training
         self.engine.eval()
         t0 = time.perf_counter()
-        results = {"raw": self._run_eval(loader)}
-        if self.ema is not None:
-            with self.ema.swapped():
-                results["ema"] = self._run_eval(loader)
+        with self._bn_averaged():
+            results = {"raw": self._run_eval(loader)}
+            if self.ema is not None:
+                with self.ema.swapped():
+                    results["ema"] = self._run_eval(loader)
         self.engine.train(was_training)
         self.eval_results = {"step": self.step, "image_size": size, **results}
         scalars = {}

@@ -58,3 +58,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The one-node SLURM cluster (tests/slurm_cluster.py): started once, reused by every test of the session
+    (test_slurm.py, the srun cases of test_resume_matrix.py), stopped when the session ends."""
+    import slurm_cluster
+
+    reason = slurm_cluster.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    yield slurm_cluster.get_cluster()
+    slurm_cluster.stop_cluster()

@@ -151,7 +151,8 @@ def scenario_train(out: Path, results: dict) -> None:
             torch.equal(params_before[n], params_after[n]) for n in params_before)
         save_tensors({"swapped": swapped, "raw": before}, out / f"eval_{key}.pt")
         save_tensors(params_after, out / f"params_{key}.pt")
-        torch.save(ema.state_dict(), out / f"ema_state_{key}_rank{rank}.pt")
+        # as the trainer saves it: the cross-rank mean of the BN-statistic EMAs (each rank keeps its own)
+        torch.save(ema.state_dict(buffers=ema.synced_buffers()), out / f"ema_state_{key}_rank{rank}.pt")
 
         # BN statistics differ per rank (each rank normalised its own samples); averaging makes them equal
         if stage == 2:
@@ -265,6 +266,40 @@ def scenario_universal(src: Path, out: Path, results: dict) -> None:
         del e
 
 
+def scenario_channels_last(results: dict) -> None:
+    """A model whose conv weights are channels_last (``model.to(memory_format=torch.channels_last)``, as timm
+    users do) builds at every ZeRO stage: the engine makes its parameters contiguous before DeepSpeed's
+    byte-view broadcast, says so once, and trains exactly like the contiguous model."""
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    handler = Collect()
+    engine_log = logging.getLogger("pipeline.engine")
+    engine_log.addHandler(handler)
+    try:
+        for stage in (0, 1, 2, 3):
+            model = make_model(0).to(memory_format=torch.channels_last)
+            key = f"cl_z{stage}"
+            results[f"{key}_channels_last_before"] = sum(
+                1 for p in model.parameters() if p.dim() == 4 and not p.is_contiguous())
+            handler.messages.clear()
+            optim_cfg = OptimConfig(name="adamw", weight_decay=1e-4, lr_per_256=LR * 256 / GLOBAL_BATCH)
+            engine = Engine.build(model, train_cfg(stage), optim_cfg, {}, micro_batch_size=MICRO)
+            results[f"{key}_messages"] = [m for m in handler.messages if "contiguous" in m]
+            results[f"{key}_losses"] = [train_step(engine, step) for step in range(2)]
+            results[f"{key}_contiguous_after"] = all(p.is_contiguous() for p in full_params(engine).values())
+            del engine
+    finally:
+        engine_log.removeHandler(handler)
+
+
 def scenario_bf16(out: Path, results: dict) -> None:
     """DeepSpeed accepts our autocast section (bf16 on CPU) and trains; bf16 weights (BN included) train at
     ZeRO 0 and 2 with fp32 inputs, and their consolidated checkpoint holds the fp32 master weights."""
@@ -289,13 +324,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--universal-from", default=None)
-    parser.add_argument("--only", default=None, help="comma-separated scenarios (train, micro, universal, bf16)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated scenarios (train, micro, universal, bf16, channels_last)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    only = set(args.only.split(",")) if args.only else {"train", "micro", "universal", "bf16"}
+    only = set(args.only.split(",")) if args.only else {"train", "micro", "universal", "bf16", "channels_last"}
     results: dict = {}
     # the first engine starts the process group
     build(0)
@@ -309,6 +345,8 @@ def main() -> None:
         scenario_universal(Path(args.universal_from), out, results)
     if "bf16" in only and world == 1:
         scenario_bf16(out, results)
+    if "channels_last" in only:
+        scenario_channels_last(results)
     (out / f"results_rank{rank}.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
     dist.destroy_process_group()

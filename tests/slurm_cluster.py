@@ -273,6 +273,19 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
                            f"exit {info.get('ExitCode')}), expected {sorted(want)} within {timeout:.0f} s\n"
                            + self.logs())
 
+    def wait_until(self, cond, job: str, timeout: float, what: str, *, poll: float = 0.3) -> None:
+        """Wait until ``cond()`` holds while the job runs; ClusterError when it finishes first or on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return
+            state = self.job_state(job)
+            if state in FINISHED:
+                raise ClusterError(f"job {job} ended ({state}) before {what}\n" + self.logs())
+            time.sleep(poll)
+        raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what} (job {job}: {self.job_state(job)})\n"
+                           + self.logs())
+
     def release_now(self, job: str) -> None:
         """Let a requeued job start now: SLURM holds requeued jobs back (BeginTime = now + ~2 min).
 

@@ -9,21 +9,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from ds_launch import child_env
+import pretrain_launch as launch
 from pipeline.checkpoint import latest, read_marker
 from pipeline.config import ConfigError, load_config
-from pipeline.distributed import free_port
 from pipeline.export import model_from_export
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = str(REPO / "configs/pretrain/tiny_cpu.yaml")
-WORKER = str(REPO / "tests/pretrain_worker.py")
+REPO = launch.REPO
+CONFIG = launch.CONFIG
 
 pytestmark = pytest.mark.slow
 
@@ -37,44 +34,8 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def _env() -> dict:
-    return child_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
-def _launch_cmd(nproc: int, spec: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port()), WORKER, str(spec)]
-
-
-def _run(tmp: Path, nproc: int, runs: list[dict], timeout: int = 600) -> subprocess.CompletedProcess:
-    spec = tmp / f"spec-{time.monotonic_ns()}.json"
-    spec.write_text(json.dumps({"config": CONFIG, "runs": runs}))
-    proc = subprocess.run(_launch_cmd(nproc, spec), env=_env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
 def _overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     return [f"data.train=[{shards}]", f"train.run_dir={run_dir}", *extra]
-
-
-def _log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-
-
-def _losses_by_step(run_dir: Path) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for rec in _log(run_dir):
-        out[rec["step"]] = rec["loss"]  # a resumed run rewrites the steps after its checkpoint
-    return out
-
-
-def _final_state(run_dir: Path) -> dict:
-    from pipeline.engine import consolidate_fp32_state_dict
-
-    step = latest(run_dir)
-    return consolidate_fp32_state_dict(run_dir / "checkpoints", f"step-{step:08d}")
 
 
 LEARN = ("train.total_steps=24", "progressive.max_mixup=0", "progressive.min_randaug=0",
@@ -82,7 +43,7 @@ LEARN = ("train.total_steps=24", "progressive.max_mixup=0", "progressive.min_ran
 
 
 def _loss_falls(run_dir: Path) -> None:
-    losses = [r["loss"] for r in _log(run_dir)]
+    losses = [r["loss"] for r in launch.train_log(run_dir)]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first - 0.1, f"loss did not fall in {run_dir}: {losses}"
 
@@ -90,7 +51,7 @@ def _loss_falls(run_dir: Path) -> None:
 def test_zero_stages_two_ranks_loss_falls_ema_export_tensorboard(shards, tmp_path):
     runs = [{"overrides": _overrides(shards, tmp_path / f"z{z}", f"train.zero_stage={z}", *LEARN),
              "probe": str(tmp_path / f"probe{z}.pt")} for z in (0, 1, 2, 3)]
-    _run(tmp_path, 2, runs)
+    launch.run(tmp_path, 2, runs)
     for z in (0, 1, 2, 3):
         run = tmp_path / f"z{z}"
         _loss_falls(run)
@@ -141,65 +102,9 @@ def test_zero_stages_two_ranks_loss_falls_ema_export_tensorboard(shards, tmp_pat
 def test_zero_stages_one_rank(shards, tmp_path):
     runs = [{"overrides": _overrides(shards, tmp_path / f"z{z}", f"train.zero_stage={z}", *LEARN)}
             for z in (0, 1, 2, 3)]
-    _run(tmp_path, 1, runs)
+    launch.run(tmp_path, 1, runs)
     for z in (0, 1, 2, 3):
         _loss_falls(tmp_path / f"z{z}")
-
-
-def _wait_for(pred, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}:\n{out[-4000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _start(tmp: Path, nproc: int, overrides: list[str]) -> subprocess.Popen:
-    spec = tmp / f"spec-{time.monotonic_ns()}.json"
-    spec.write_text(json.dumps({"config": CONFIG, "runs": [{"overrides": overrides}]}))
-    return subprocess.Popen(_launch_cmd(nproc, spec), env=_env(), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def _kill9_launch(proc: subprocess.Popen) -> None:
-    """kill -9 the launcher and every rank, as a node failure would, and wait until they are all gone.
-
-    torchrun starts each rank in its own session, so killing the launcher's process group alone would leave
-    the ranks running (and writing checkpoints) as orphans.
-    """
-    tree, todo = [], [proc.pid]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(_children(pid))
-    for pid in reversed(tree):  # ranks (and their loader workers) first, the launcher last
-        for kill in (os.killpg, os.kill):
-            try:
-                kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-    proc.wait()
-    deadline = time.monotonic() + 60
-    while any(_alive(pid) for pid in tree):
-        assert time.monotonic() < deadline, f"processes still alive 60 s after SIGKILL: {tree}"
-        time.sleep(0.1)
 
 
 # 16 steps, killed once the step-4 checkpoint is complete: the steps after it leave the kill a wide margin
@@ -209,74 +114,74 @@ EXACT = (f"train.total_steps={EXACT_STEPS}", "checkpoint.every_steps=4", "train.
 
 def test_exact_resume_after_kill_and_resume_on_other_rank_count(shards, tmp_path):
     straight = tmp_path / "straight"
-    _run(tmp_path, 2, [{"overrides": _overrides(shards, straight, *EXACT)}])
+    launch.run(tmp_path, 2, [{"overrides": _overrides(shards, straight, *EXACT)}])
 
     broken = tmp_path / "broken"
-    proc = _start(tmp_path, 2, _overrides(shards, broken, *EXACT))
+    proc = launch.start(tmp_path, 2, _overrides(shards, broken, *EXACT))
     ckpt4 = broken / "checkpoints" / "step-00000004"
     try:
-        _wait_for(lambda: read_marker(ckpt4) is not None, proc, 300, "the step-4 checkpoint")
+        launch.wait_for(lambda: read_marker(ckpt4) is not None, proc, 300, "the step-4 checkpoint")
     finally:
-        _kill9_launch(proc)
+        launch.kill9(proc)
     assert latest(broken) is not None and latest(broken) < EXACT_STEPS
 
     other = tmp_path / "other_world"
     shutil.copytree(broken, other)
 
-    _run(tmp_path, 2, [{"overrides": _overrides(shards, broken, *EXACT)}])
-    a, b = _losses_by_step(straight), _losses_by_step(broken)
+    launch.run(tmp_path, 2, [{"overrides": _overrides(shards, broken, *EXACT)}])
+    a, b = launch.losses_by_step(straight), launch.losses_by_step(broken)
     assert sorted(a) == list(range(1, EXACT_STEPS + 1)) and sorted(b) == list(range(1, EXACT_STEPS + 1))
     assert a == b, f"per-step losses differ after the resume:\n{a}\n{b}"
-    sa, sb = _final_state(straight), _final_state(broken)
+    sa, sb = launch.final_state(straight), launch.final_state(broken)
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), f"final weights differ after an exact resume: {k}"
 
     # the same interrupted run continued on 1 rank: universal checkpoint conversion, then to the end
     resumed_from = latest(other)
-    proc = _run(tmp_path, 1, [{"overrides": _overrides(shards, other, *EXACT)}])
+    proc = launch.run(tmp_path, 1, [{"overrides": _overrides(shards, other, *EXACT)}])
     summary = json.loads((other / "summary.json").read_text())
     assert summary["step"] == EXACT_STEPS and summary["world_size"] == 1
     assert f"resuming a 2-rank checkpoint on 1 rank: converting to a universal checkpoint in " \
            f"{other / 'checkpoints' / f'step-{resumed_from:08d}_universal'}" in proc.stdout + proc.stderr
-    steps = [r["step"] for r in _log(other)]
+    steps = [r["step"] for r in launch.train_log(other)]
     assert steps[-(EXACT_STEPS - resumed_from):] == list(range(resumed_from + 1, EXACT_STEPS + 1))
 
 
 def test_preemption_signal_saves_exits_zero_and_resume_completes(shards, tmp_path):
     run = tmp_path / "preempt"
     over = _overrides(shards, run, "train.total_steps=60", "checkpoint.every_steps=0")
-    proc = _start(tmp_path, 2, over)
+    proc = launch.start(tmp_path, 2, over)
     log = run / "train_log.jsonl"
     try:
-        _wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, proc, 300, "3 logged steps")
-        ranks = _children(proc.pid)
+        launch.wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, proc, 300, "3 logged steps")
+        ranks = launch.children(proc.pid)
         assert len(ranks) == 2, ranks
         for pid in ranks:
             os.kill(pid, signal.SIGUSR1)
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:  # failed above: leave no ranks behind to load the rest of the suite
-            _kill9_launch(proc)
+            launch.kill9(proc)
     assert proc.returncode == 0, out[-4000:]
     step = latest(run)
     assert step is not None and 3 <= step < 60
     assert (run / "summary_preempted.json").is_file()
 
-    _run(tmp_path, 2, [{"overrides": over}])
+    launch.run(tmp_path, 2, [{"overrides": over}])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 60
-    steps = [r["step"] for r in _log(run)]
+    steps = [r["step"] for r in launch.train_log(run)]
     assert steps[-1] == 60 and max(steps.count(s) for s in set(steps)) <= 2
 
 
 def test_changed_frozen_setting_is_refused(shards, tmp_path):
     run = tmp_path / "frozen"
     over = _overrides(shards, run, "train.total_steps=4", "checkpoint.every_steps=2")
-    _run(tmp_path, 1, [{"overrides": over}])
+    launch.run(tmp_path, 1, [{"overrides": over}])
     proc = subprocess.run([sys.executable, "-m", "pipeline.pretrain", "--config", CONFIG,
                            *_overrides(shards, run, "train.total_steps=6", "checkpoint.every_steps=2")],
-                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+                          env=launch.env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "train.total_steps" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -291,11 +196,11 @@ def test_tiny_config_loads():
 def test_zero0_checkpoint_resumes_on_other_rank_count_without_conversion(shards, tmp_path):
     run = tmp_path / "z0"
     over = _overrides(shards, run, "train.total_steps=4", "checkpoint.every_steps=2", "train.zero_stage=0")
-    _run(tmp_path, 2, [{"overrides": over}])
+    launch.run(tmp_path, 2, [{"overrides": over}])
     # as if the run had been stopped after its step-2 checkpoint
     shutil.rmtree(run / "checkpoints" / "step-00000004")
     (run / "summary.json").unlink()
-    proc = _run(tmp_path, 1, [{"overrides": over}])
+    proc = launch.run(tmp_path, 1, [{"overrides": over}])
     assert "a 2-rank ZeRO-0 checkpoint on 1 rank(s)" in proc.stdout + proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 4 and summary["world_size"] == 1
@@ -306,7 +211,7 @@ def test_zero0_checkpoint_resumes_on_other_rank_count_without_conversion(shards,
 def test_trains_on_gpu_with_bf16_autocast_and_channels_last(shards, tmp_path):
     """precision 'auto' on CUDA: DeepSpeed's torch_autocast (bf16 compute, fp32 weights and BatchNorm)."""
     run = tmp_path / "gpu"
-    _run(tmp_path, 1, [{"overrides": _overrides(shards, run, "train.precision=auto", "model.channels_last=true",
+    launch.run(tmp_path, 1, [{"overrides": _overrides(shards, run, "train.precision=auto", "model.channels_last=true",
                                                 "train.zero_stage=2", *LEARN), "probe": str(tmp_path / "p.pt")}])
     _loss_falls(run)
     probe = torch.load(tmp_path / "p.pt")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 TESTS = Path(__file__).resolve().parent
 # One node, 2 tasks of 1 CPU, no GPUs: the scripts' #SBATCH defaults are for GPU clusters.
 SMALL = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=10"]
-
-
-@pytest.fixture(scope="session")
-def slurm():
-    reason = slurm_cluster.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    # Started once, reused by every test of the session; stopped when the session ends.
-    yield slurm_cluster.get_cluster()
-    slurm_cluster.stop_cluster()
 
 
 def _job_env(subprocess_env, repo_root, tmp_path, **extra) -> dict:
@@ -54,19 +43,6 @@ def _job_env(subprocess_env, repo_root, tmp_path, **extra) -> dict:
 
 def _read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
-
-
-def _wait_until(cond, timeout: float, what: str, cluster, job: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        info = cluster.job_info(job)
-        if info.get("JobState") in slurm_cluster.FINISHED:
-            break
-        time.sleep(0.3)
-    pytest.fail(f"{what} (job {job}: {cluster.job_info(job).get('JobState')})\njob output:\n{_read(log)}\n"
-                + cluster.logs())
 
 
 def test_srun_tasks_form_a_process_group(slurm, repo_root, subprocess_env, tmp_path):
@@ -98,8 +74,11 @@ def test_preemption_saves_requeues_and_resumes(slurm, repo_root, subprocess_env,
                        script_args=["checkpoint.every_steps=5"], env=env, cwd=repo_root)
 
     # Let the loop run a few steps on both ranks, then send the time-limit warning to the job's tasks only.
-    _wait_until(lambda: all("step 3\n" in _read(out / f"rank{r}.log") for r in range(2)), 90,
-                "the job's two ranks did not reach step 3", slurm, job, log)
+    try:
+        slurm.wait_until(lambda: all("step 3\n" in _read(out / f"rank{r}.log") for r in range(2)), job, 90,
+                         "the job's two ranks reaching step 3")
+    except slurm_cluster.ClusterError as e:
+        pytest.fail(f"{e}\njob output:\n{_read(log)}")
     slurm.run(["scancel", "--signal=USR1", job])
 
     # The ranks agree, save, rank 0 requeues: the job goes back to PENDING (held ~2 min by SLURM: release it).
