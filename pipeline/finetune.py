@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -196,6 +197,11 @@ class Finetune:
         if state is None:  # another world size: any rank's loader state continues the epoch without repeats
             state = self.ckpt.load_all_rank_states(point)[0]
         self.loader.load_state_dict(state["loader"])
+        if self.ema is not None and "ema_buffers" in state and not point.needs_universal:
+            # accelerate restored the main process's EMA on every rank; the EMA of the BN statistics differs
+            # per rank (each updates its statistics from its own batches after DDP's broadcast), so each rank
+            # continues with its own, as the uninterrupted run does
+            self.ema.load_local_buffers(state["ema_buffers"])
         self.log(point.message)
         return point.step
 
@@ -235,6 +241,8 @@ class Finetune:
                              "data/samples_seen": self.loader.samples_seen * self.world,
                              "stage/image_size": self.stage.image_size}, step=done)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}", refresh=False)
+                    self._log_line({"step": done, "loss": loss, "lr": lr, "stage": self.stage.index,
+                                    "image_size": self.stage.image_size, "images_per_s": ips})
                 bar.update(1)
                 if cfg.eval.every_steps > 0 and done % cfg.eval.every_steps == 0 and done < self.total_steps:
                     self._log_eval(self._evaluate(), done)
@@ -259,6 +267,13 @@ class Finetune:
         metrics = self._finish(results, done)
         acc.end_training()
         return metrics
+
+    def _log_line(self, record: dict) -> None:
+        """One line of RUN_DIR/train_log.jsonl (as the pretraining trainer writes it): a resumed run appends
+        the steps after its checkpoint again, so the last line of a step is the one that counts."""
+        if self.acc.is_main_process:
+            with open(self.run_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def _enter_stage(self, stage, step: int, force: bool = False) -> None:
         """Apply a stage: its dropout / drop-path on the model and its transforms / micro-batch in the loader."""
@@ -301,8 +316,10 @@ class Finetune:
         return total, lr
 
     def _save(self, step: int) -> None:
-        path = self.ckpt.save(step, lambda d, tag: self.acc.save_state(str(Path(d) / tag)),
-                              {"loader": self.loader.state_dict()})
+        rank_state = {"loader": self.loader.state_dict()}
+        if self.ema is not None:
+            rank_state["ema_buffers"] = self.ema.local_buffers()
+        path = self.ckpt.save(step, lambda d, tag: self.acc.save_state(str(Path(d) / tag)), rank_state)
         self.log(f"checkpoint {path}")
 
     # ------------------------------------------------------------------------------------------------ results

@@ -255,15 +255,19 @@ def _hf_dataset(path: Path, n_per_class: int = 40, n_test: int = 8) -> Path:
     return path
 
 
-def _launch(repo_root, env, overrides, processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def _launch_cmd(overrides, processes: int = 1) -> list[str]:
     if processes == 1:
         cmd = [PY, "-m", "pipeline.finetune"]
     else:  # --multi_gpu on a machine without GPUs: that many CPU processes on gloo
         cmd = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                "0", "-m", "pipeline.finetune"]
-    res = subprocess.run(cmd + ["--config", "configs/finetune/demo.yaml", *overrides], cwd=repo_root, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    return cmd + ["--config", "configs/finetune/demo.yaml", *overrides]
+
+
+def _launch(repo_root, env, overrides, processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    res = subprocess.run(_launch_cmd(overrides, processes), cwd=repo_root, env=env, capture_output=True, text=True,
+                         timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
 
@@ -425,3 +429,89 @@ def test_preemption_signal_saves_and_exits_zero(tmp_path, module_env, transfer, 
     done = list_checkpoints(run)
     assert len(done) == 1 and 0 < done[0].step < 5000
     assert not (run / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ exact resume, 2 processes
+
+# 2 processes, a loader worker each, dropout and stochastic depth on, a checkpoint every 7 of 35 steps. Cut by
+# kill -9 right after the step-21 checkpoint, or by SIGUSR1 once step 16 is logged (saved at the next step);
+# the rerun must log every loss of the uninterrupted run and end with its weights, bit for bit.
+RESUME_STEPS, RESUME_EVERY, KILL_AFTER, SIGNAL_AFTER = 35, 7, 21, 16
+
+
+def _resume_overrides(run: Path, transfer: Path, pretrained: Path) -> list[str]:
+    return _overrides(run, transfer, pretrained, **{
+        "train.total_steps": RESUME_STEPS, "checkpoint.every_steps": RESUME_EVERY, "checkpoint.keep_last": 3,
+        "train.log_every": 1, "data.workers": 1, "model.drop_rate": 0.3, "train.global_batch_size": 16,
+        "train.micro_batch_size": 8})
+
+
+@pytest.fixture(scope="module")
+def straight_two(tmp_path_factory, module_env, transfer, pretrained) -> Path:
+    run = tmp_path_factory.mktemp("straight_two") / "run"
+    _launch(REPO, module_env, _resume_overrides(run, transfer, pretrained), processes=2)
+    return run
+
+
+def _final_weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The final checkpoint's raw weights (accelerate's model file) and the export (EMA weights)."""
+    from safetensors.torch import load_file
+
+    from pipeline.checkpoint import latest, step_tag
+
+    raw = load_file(str(run / "checkpoints" / step_tag(latest(run)) / "model.safetensors"))
+    return {"raw": raw, "ema": load_export(run / "export")[0]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cut", ["kill9_mid", "preempt_mid"])
+def test_two_process_resume_with_loader_workers_is_exact(cut, tmp_path, module_env, transfer, pretrained,
+                                                         straight_two):
+    import os
+    import signal
+
+    import pretrain_launch as launch
+    from pipeline.checkpoint import latest, list_checkpoints, read_marker, step_tag
+
+    run = tmp_path / "run"
+    over = _resume_overrides(run, transfer, pretrained)
+    proc = subprocess.Popen(_launch_cmd(over, 2), cwd=REPO, env=module_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        if cut == "kill9_mid":
+            marker = run / "checkpoints" / step_tag(KILL_AFTER)
+            launch.wait_for(lambda: read_marker(marker) is not None, proc, 300, f"the step-{KILL_AFTER} checkpoint",
+                            poll=0.05)
+            launch.kill9(proc)
+            for c in list_checkpoints(run, include_incomplete=True):  # "right after": as if no later one began
+                if c.step > KILL_AFTER:
+                    shutil.rmtree(c.path)
+            resumed_from = latest(run)
+            assert resumed_from == KILL_AFTER
+        else:
+            launch.wait_for(lambda: launch.logged_steps(run) >= SIGNAL_AFTER, proc, 300, f"step {SIGNAL_AFTER}",
+                            poll=0.05)
+            ranks = launch.children(proc.pid)  # accelerate launch runs torchrun's agent in its own process
+            assert len(ranks) == 2, ranks
+            for pid in ranks:
+                os.kill(pid, signal.SIGUSR1)
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, out[-4000:]
+            assert "preempted: checkpoint at step" in out
+            resumed_from = latest(run)
+            assert SIGNAL_AFTER <= resumed_from < KILL_AFTER, resumed_from
+    finally:
+        if proc.poll() is None:
+            launch.kill9(proc)
+    res = _launch(REPO, module_env, over, processes=2)
+    assert f"(step {resumed_from})" in res.stdout + res.stderr
+
+    a, b = launch.losses_by_step(straight_two), launch.losses_by_step(run)
+    assert sorted(a) == list(range(1, RESUME_STEPS + 1)) == sorted(b)
+    differ = [(s, a[s], b[s]) for s in sorted(a) if a[s] != b[s]]
+    assert not differ, f"resumed from step {resumed_from}: losses differ (step, uninterrupted, resumed): {differ[:3]}"
+    wa, wb = _final_weights(straight_two), _final_weights(run)
+    for kind in ("raw", "ema"):
+        assert wa[kind].keys() == wb[kind].keys()
+        for k in wa[kind]:
+            assert torch.equal(wa[kind][k], wb[kind][k]), f"final {kind} weights differ: {k}"
