@@ -121,3 +121,49 @@ def test_trainer_step_is_the_same_after_a_loader_restart_and_an_eval(demo_shards
     assert torch.equal(a_rng, b_rng), "the torch generator differs after a loader restart and an eval"
     for k in a_params:
         assert torch.equal(a_params[k], b_params[k]), k
+
+
+@pytest.mark.slow
+def test_library_calls_between_steps_leave_the_streams_alone(tmp_path, monkeypatch):
+    """What the loop calls between two steps besides the loader: DeepSpeed's save and load, the EMA update and
+    its swap for evaluation, an eval-mode forward, the BN averaging; and accelerate's start-up and prepare.
+    None may draw from the global generators (a resumed run calls them at other steps)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from accelerate import Accelerator
+
+    from pipeline.bn import averaged_bn_stats
+    from pipeline.config import load_config
+    from pipeline.ema import ModelEMA
+    from pipeline.engine import Engine
+    from pipeline.models import create_model
+
+    cfg = load_config(REPO / "configs/pretrain/tiny_cpu.yaml", ["data.train=[unused]"])
+    torch.manual_seed(0)
+    engine = Engine.build(create_model("efficientnetv2_test", num_classes=10, drop_rate=0.3), cfg.train, cfg.optim,
+                          micro_batch_size=16)
+    ema = ModelEMA(engine.module, 0.99, gathered_parameters=engine.gathered_parameters)
+    x = torch.randn(2, 3, 32, 32)
+
+    def eval_forward():
+        engine.eval()
+        with torch.no_grad(), averaged_bn_stats(engine.module), ema.swapped():
+            engine(x)
+        engine.train()
+
+    plain = create_model("efficientnetv2_test", num_classes=10)  # (initialising weights draws, of course)
+
+    def accelerate_start():
+        Accelerator(cpu=True).prepare(plain, torch.optim.SGD(plain.parameters(), lr=0.1))
+
+    calls = {"engine.save": lambda: engine.save(tmp_path / "ckpt", "t", {"step": 1}),
+             "engine.load": lambda: engine.load(tmp_path / "ckpt", "t"),
+             "ema.update": lambda: ema.update(1), "eval forward with EMA swapped": eval_forward,
+             "accelerate Accelerator + prepare": accelerate_start}
+    for name, call in calls.items():
+        before = _rng_states()
+        call()
+        assert _same(before, _rng_states()), f"{name} moved the global random generators"
+    engine.train()
+    before = _rng_states()
+    engine(x)  # a training forward does draw (dropout): the check above can see a draw
+    assert not _same(before, _rng_states())
