@@ -21,6 +21,16 @@ CONFIG = str(REPO / "configs/pretrain/tiny_cpu.yaml")
 WORKER = str(REPO / "tests/pretrain_worker.py")
 
 
+def write_demo_shards(out: Path, *, classes: int = 10, per_class: int = 24, val_per_class: int = 4,
+                      image_size: int = 64, shard_size: int = 12) -> Path:
+    """Generated pretraining shards (``python -m shards write demo pretrain``), small enough for CPU runs."""
+    subprocess.run([sys.executable, "-m", "shards", "write", "demo", "pretrain", str(out), "--classes", str(classes),
+                    "--per-class", str(per_class), "--val-per-class", str(val_per_class), "--image-size",
+                    str(image_size), "--shard-size", str(shard_size), "--no-progress", "--workers", "1"],
+                   check=True, cwd=REPO, capture_output=True, env=env())
+    return out
+
+
 def env() -> dict:
     return child_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
@@ -100,6 +110,23 @@ def kill9(proc: subprocess.Popen) -> None:
     while any(_alive(pid) for pid in tree):
         assert time.monotonic() < deadline, f"processes still alive 60 s after SIGKILL: {tree}"
         time.sleep(0.1)
+
+
+def preempt(proc: subprocess.Popen, ranks: int = 2, timeout: float = 300) -> str:
+    """SIGUSR1 to every rank of a launch (torchrun's / accelerate's direct children), as SLURM sends it before
+    the time limit; waits for the launch to end and returns its output. On any failure the whole launch is
+    killed, so no rank is left to load the rest of the suite."""
+    try:
+        pids = children(proc.pid)
+        assert len(pids) == ranks, f"expected {ranks} ranks under the launcher, found {pids}"
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    assert proc.returncode == 0, out[-4000:]
+    return out
 
 
 def train_log(run_dir: Path) -> list[dict]:

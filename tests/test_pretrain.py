@@ -1,12 +1,11 @@
-"""Pretraining end to end on CPU: DeepSpeed ZeRO 0-3 at 1 and 2 ranks, exact resume after kill -9, preemption,
-resume on another rank count, TensorBoard stage values, EMA under ZeRO-2 vs ZeRO-3, export round trip."""
+"""Pretraining end to end on CPU: DeepSpeed ZeRO 0-3 at 1 and 2 ranks, exact resume after kill -9, resume on
+another rank count, TensorBoard stage values, EMA under ZeRO-2 vs ZeRO-3, export round trip. (Preemption and
+the resume matrix with loader workers: test_resume_matrix.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +26,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pretrain_shards") / "demo"
-    subprocess.run([sys.executable, "-m", "shards", "write", "demo", "pretrain", str(out), "--classes", "10",
-                    "--per-class", "24", "--val-per-class", "4", "--image-size", "64", "--shard-size", "12",
-                    "--no-progress", "--workers", "1"], check=True, cwd=REPO, capture_output=True)
-    return out
+    return launch.write_demo_shards(tmp_path_factory.mktemp("pretrain_shards") / "demo")
 
 
 def _overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -146,33 +141,6 @@ def test_exact_resume_after_kill_and_resume_on_other_rank_count(shards, tmp_path
            f"{other / 'checkpoints' / f'step-{resumed_from:08d}_universal'}" in proc.stdout + proc.stderr
     steps = [r["step"] for r in launch.train_log(other)]
     assert steps[-(EXACT_STEPS - resumed_from):] == list(range(resumed_from + 1, EXACT_STEPS + 1))
-
-
-def test_preemption_signal_saves_exits_zero_and_resume_completes(shards, tmp_path):
-    run = tmp_path / "preempt"
-    over = _overrides(shards, run, "train.total_steps=60", "checkpoint.every_steps=0")
-    proc = launch.start(tmp_path, 2, over)
-    log = run / "train_log.jsonl"
-    try:
-        launch.wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, proc, 300, "3 logged steps")
-        ranks = launch.children(proc.pid)
-        assert len(ranks) == 2, ranks
-        for pid in ranks:
-            os.kill(pid, signal.SIGUSR1)
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:  # failed above: leave no ranks behind to load the rest of the suite
-            launch.kill9(proc)
-    assert proc.returncode == 0, out[-4000:]
-    step = latest(run)
-    assert step is not None and 3 <= step < 60
-    assert (run / "summary_preempted.json").is_file()
-
-    launch.run(tmp_path, 2, [{"overrides": over}])
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["step"] == 60
-    steps = [r["step"] for r in launch.train_log(run)]
-    assert steps[-1] == 60 and max(steps.count(s) for s in set(steps)) <= 2
 
 
 def test_changed_frozen_setting_is_refused(shards, tmp_path):

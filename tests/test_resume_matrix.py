@@ -21,10 +21,7 @@ The runs: tiny_cpu (3 progressive stages of 15 steps: 32 / 48 / 64 px, RandAugme
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,11 +82,7 @@ def _overrides(shards: Path, run_dir: Path, workers: int, zero: int) -> list[str
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("matrix_shards") / "demo"
-    subprocess.run([sys.executable, "-m", "shards", "write", "demo", "pretrain", str(out), "--classes", "10",
-                    "--per-class", "24", "--val-per-class", "4", "--image-size", "64", "--shard-size", "12",
-                    "--no-progress", "--workers", "1"], check=True, cwd=REPO, capture_output=True)
-    return out
+    return launch.write_demo_shards(tmp_path_factory.mktemp("matrix_shards") / "demo")
 
 
 @pytest.fixture(scope="module")
@@ -145,16 +138,12 @@ def _preempt_torchrun(tmp: Path, shards: Path, run_dir: Path, case: Case) -> int
     try:
         launch.wait_for(lambda: launch.logged_steps(run_dir) >= PREEMPT_AFTER, proc, 300,
                         f"step {PREEMPT_AFTER}", poll=0.05)
-        ranks = launch.children(proc.pid)
-        assert len(ranks) == 2, ranks
-        for pid in ranks:
-            os.kill(pid, signal.SIGUSR1)
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            launch.kill9(proc)
-    assert proc.returncode == 0, out[-4000:]
+    except AssertionError:
+        launch.kill9(proc)
+        raise
+    out = launch.preempt(proc)
     stopped = latest(run_dir)
+    assert f"preemption signal: checkpoint at step {stopped} saved" in out
     assert (run_dir / "summary_preempted.json").is_file()
     launch.run(tmp, 2, [{"overrides": _overrides(shards, run_dir, case.workers, case.zero)}])
     return stopped

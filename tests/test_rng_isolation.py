@@ -10,14 +10,13 @@ step with and without a loader restart and an evaluation in between.
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import pretrain_launch as launch
 from pipeline.data.loader import build_eval_loader
 from test_loader import cfg_for, loader, stage, write_shards
 
@@ -75,11 +74,8 @@ def test_eval_pass_leaves_global_rngs_alone(small_shards, workers):
 
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("rng_demo") / "demo"
-    subprocess.run([sys.executable, "-m", "shards", "write", "demo", "pretrain", str(out), "--classes", "4",
-                    "--per-class", "16", "--val-per-class", "2", "--image-size", "48", "--shard-size", "8",
-                    "--no-progress", "--workers", "1"], check=True, cwd=REPO, capture_output=True)
-    return out
+    return launch.write_demo_shards(tmp_path_factory.mktemp("rng_demo") / "demo", classes=4, per_class=16,
+                                    val_per_class=2, image_size=48, shard_size=8)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import pretrain_launch as launch
 import slurm_cluster
 from pipeline.checkpoint import MARKER, latest, list_checkpoints, step_tag
 
@@ -115,13 +116,8 @@ def test_preemption_saves_requeues_and_resumes(slurm, repo_root, subprocess_env,
 
 def test_real_pretraining_job_on_two_srun_tasks(slurm, repo_root, subprocess_env, tmp_path):
     """The real trainer (pipeline.pretrain, DeepSpeed ZeRO-2 on gloo) as a SLURM job of 2 srun tasks."""
-    import subprocess
 
-    shards = tmp_path / "shards"
-    subprocess.run([sys.executable, "-m", "shards", "write", "demo", "pretrain", str(shards), "--classes", "10",
-                    "--per-class", "12", "--val-per-class", "2", "--image-size", "64", "--shard-size", "10",
-                    "--no-progress", "--workers", "1"], check=True, cwd=repo_root, capture_output=True,
-                   env=subprocess_env)
+    shards = launch.write_demo_shards(tmp_path / "shards", per_class=12, val_per_class=2, shard_size=10)
     env = _job_env(subprocess_env, repo_root, tmp_path, CONFIG="configs/pretrain/tiny_cpu.yaml",
                    PROCS_PER_NODE=2, DS_ACCELERATOR="cpu")
     env.pop("ENTRY")  # the scripts' default: pipeline.pretrain
