@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU training throughput of EfficientNetV2 S / L / XL, ours against timm, at every progressive-stage size:
 # bf16 autocast, channels_last, torch.compile off and on, one GPU, plain PyTorch loop (bench/gpu_bench.py).
+# Also the weight-layout cost: our model as trained (contiguous parameters, NHWC activations) against the same
+# model with channels_last parameters (impl ours-nhwc-weights; S and XL, first and last stage size, eager).
 #
 #   bash bench/gpu.sh                      # from the repository root or anywhere; results in $OUT
 #   OUT=/tmp/gpu bash bench/gpu.sh --budget 300 --compile-models s

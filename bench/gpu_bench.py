@@ -5,6 +5,13 @@ nothing to shard): bf16 autocast, channels_last, forward + soft-target cross-ent
 (pipeline.optim) step, synthetic data. Our model (pipeline.models.create_model) and timm's
 ``efficientnetv2_{s,l,xl}`` get the same batch, optimizer and regularisation; eager and torch.compile.
 
+channels_last means NHWC activations (a channels_last input) for every implementation; the parameters'
+layout differs. ``ours`` is the model as the project trains it: ``create_model(..., channels_last=True)``
+keeps its parameters contiguous (DeepSpeed broadcasts parameters as byte views, which NHWC weights refuse,
+and ZeRO 1-3 flatten them anyway) and cuDNN runs NHWC because the input is. ``ours-nhwc-weights`` is the same
+model with its parameters moved to channels_last too, as timm users do (``timm`` here): the ratio
+ours / ours-nhwc-weights is what the contiguous weights cost on a GPU (eager, ``--layout-models``).
+
 Image sizes: the stages of the paper preset (pipeline.progressive.model_presets + StageSchedule), e.g. S
 128 / 185 / 242 / 300, L and XL 128 / 212 / 296 / 380. Batch per case: the batch of the reference's RTX 3090
 anchor (S 128 @ 300, L 32 @ 384, XL 16 @ 384; reference section 6) scaled by (anchor size / size)^2 for the
@@ -40,6 +47,7 @@ ANCHOR = {"s": (300, 128, 488.0), "m": (384, 48, 173.0), "l": (384, 32, 97.6), "
 MODEL_NAMES = {"s": "efficientnetv2_s", "m": "efficientnetv2_m", "l": "efficientnetv2_l", "xl": "efficientnetv2_xl",
                "test": "efficientnetv2_test"}
 MAX_BATCH = 256
+IMPLS = ("ours", "timm", "ours-nhwc-weights")
 
 
 # ------------------------------------------------------------------------------------------------- the plan
@@ -65,22 +73,31 @@ def batch_for(variant: str, size: int, scale: float) -> int:
 
 
 def build_plan(args) -> list[dict]:
-    """Groups of cases; eager groups first (cheap, always wanted), then compiled ones in --compile-models order."""
+    """Groups of cases: eager ours / timm first (cheap, always wanted), then the eager weight-layout variant
+    (--layout-models, first and last stage size), then compiled ones in --compile-models order."""
     groups = []
-    for compiled in (False, True):
-        if compiled and not args.compile:
-            continue
-        models = args.compile_models if compiled else args.models
-        for v in models:
-            sizes = args.sizes or stage_sizes(v)
-            if compiled and not args.sizes and args.compile_sizes == "ends":
-                sizes = [sizes[0], sizes[-1]]
-            for impl in args.impls:
-                cases = [{"model": v, "impl": impl, "compile": compiled, "size": s,
-                          "batch": args.batch or batch_for(v, s, args.batch_scale)} for s in sizes]
-                timeout = args.compile_timeout if compiled else args.case_timeout
-                groups.append({"name": f"{v}-{impl}-{'compile' if compiled else 'eager'}", "cases": cases,
-                               "case_timeout": timeout})
+
+    def add(v: str, impl: str, compiled: bool, ends: bool = False) -> None:
+        sizes = args.sizes or stage_sizes(v)
+        if not args.sizes and (ends or (compiled and args.compile_sizes == "ends")):
+            sizes = [sizes[0], sizes[-1]]
+        cases = [{"model": v, "impl": impl, "compile": compiled, "size": s,
+                  "batch": args.batch or batch_for(v, s, args.batch_scale)} for s in sizes]
+        timeout = args.compile_timeout if compiled else args.case_timeout
+        groups.append({"name": f"{v}-{impl}-{'compile' if compiled else 'eager'}", "cases": cases,
+                       "case_timeout": timeout})
+
+    main_impls = [i for i in args.impls if i != "ours-nhwc-weights"]
+    for v in args.models:
+        for impl in main_impls:
+            add(v, impl, False)
+    if "ours-nhwc-weights" in args.impls:
+        for v in args.layout_models:
+            add(v, "ours-nhwc-weights", False, ends=True)  # the first and last stage size
+    if args.compile:
+        for v in args.compile_models:
+            for impl in main_impls:
+                add(v, impl, True)
     return groups
 
 
@@ -95,16 +112,26 @@ def _alarm(signum, frame):
     raise CaseTimeout()
 
 
-def build_model(case: dict, num_classes: int):
+def build_model(case: dict, num_classes: int, dev):
+    """The case's model on ``dev``, NHWC activations: ours as the trainer builds it (contiguous parameters),
+    ours-nhwc-weights and timm with their parameters moved to channels_last as well."""
+    import torch
+
     name = MODEL_NAMES[case["model"]]
-    if case["impl"] == "ours":
+    if case["impl"] in ("ours", "ours-nhwc-weights"):
         from pipeline.models import create_model
 
         # BN eps 1e-5 like timm's efficientnetv2_*: no effect on speed, but the two models stay identical
-        return create_model(name, num_classes=num_classes, drop_rate=0.2, drop_path_rate=0.2, bn_eps=1e-5)
-    import timm
+        model = create_model(name, num_classes=num_classes, drop_rate=0.2, drop_path_rate=0.2, bn_eps=1e-5,
+                             channels_last=True)
+        if case["impl"] == "ours":
+            return model.to(dev)
+    else:
+        import timm
 
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=0.2, drop_path_rate=0.2)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=0.2,
+                                  drop_path_rate=0.2)
+    return model.to(dev, memory_format=torch.channels_last)
 
 
 def run_case(case: dict, args) -> dict:
@@ -118,8 +145,7 @@ def run_case(case: dict, args) -> dict:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     torch.manual_seed(0)
-    model = build_model(case, args.num_classes)
-    model = model.to(dev, memory_format=torch.channels_last).train()
+    model = build_model(case, args.num_classes, dev).train()
     params = count_params(model)
     opt = build_optimizer(OptimConfig(name="rmsprop_tf", lr_per_256=0.016), model, case["batch"])
     step_model = torch.compile(model, dynamic=False) if case["compile"] else model
@@ -211,7 +237,7 @@ def _caused_by(e: BaseException, kind: type) -> bool:
 
 def _case_line(r: dict) -> str:
     mode = "compile" if r["compile"] else "eager"
-    head = f"{r['model']:>4} {r['impl']:<4} {mode:<7} {r['size']:>4}px bs {r['batch']:>3}"
+    head = f"{r['model']:>4} {r['impl']:<17} {mode:<7} {r['size']:>4}px bs {r['batch']:>3}"
     if r["status"] != "ok":
         return f"{head}: {r['status']}"
     mem = f", peak {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else ""
@@ -272,8 +298,12 @@ def markdown(results: list[dict], meta: dict) -> str:
              f"{'bf16 autocast' if meta['precision'] == 'bf16' else 'fp32 (no autocast)'}, channels_last, batch per "
              f"case as shown, {meta['reps']} timed steps after {meta['warmup']} warm-up, synthetic data, "
              f"{meta['num_classes']} classes, RMSpropTF (pipeline.optim). Command: `{meta['command']}`", "",
+             "ours: contiguous parameters as trained (NHWC activations from the input); ours-nhwc-weights: "
+             "the same model with its parameters channels_last too (timm-style).", "",
              "| model | size | batch | compile | ours images/s | timm images/s | ours / timm (> 1: ours faster) | "
-             "ours ms/step | ours peak GB | timm peak GB |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "ours ms/step | ours peak GB | timm peak GB | ours-nhwc-weights images/s | "
+             "ours / ours-nhwc-weights (< 1: contiguous weights cost) |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keyed: dict[tuple, dict] = {}
     for r in results:
         keyed.setdefault((r["model"], r["size"], r["batch"], r["compile"]), {})[r["impl"]] = r
@@ -286,12 +316,16 @@ def markdown(results: list[dict], meta: dict) -> str:
 
     order = {"s": 0, "m": 1, "l": 2, "xl": 3, "test": 4}
     for (m, s, b, c), d in sorted(keyed.items(), key=lambda kv: (kv[0][3], order.get(kv[0][0], 9), kv[0][1])):
-        o, t = d.get("ours"), d.get("timm")
-        ratio = (f"{o['images_per_s'] / t['images_per_s']:.3f}" if o and t and o["status"] == t["status"] == "ok"
-                 else "-")
+        o, t, w = d.get("ours"), d.get("timm"), d.get("ours-nhwc-weights")
+
+        def ratio(x, y):
+            ok = x and y and x["status"] == y["status"] == "ok"
+            return f"{x['images_per_s'] / y['images_per_s']:.3f}" if ok else "-"
+
         lines.append(f"| {m.upper()} | {s} | {b} | {'on' if c else 'off'} | {val(o, 'images_per_s', '{:.1f}')} | "
-                     f"{val(t, 'images_per_s', '{:.1f}')} | {ratio} | {val(o, 'ms_per_step', '{:.1f}')} | "
-                     f"{val(o, 'peak_mem_gb', '{:.1f}')} | {val(t, 'peak_mem_gb', '{:.1f}')} |")
+                     f"{val(t, 'images_per_s', '{:.1f}')} | {ratio(o, t)} | {val(o, 'ms_per_step', '{:.1f}')} | "
+                     f"{val(o, 'peak_mem_gb', '{:.1f}')} | {val(t, 'peak_mem_gb', '{:.1f}')} | "
+                     f"{val(w, 'images_per_s', '{:.1f}')} | {ratio(o, w)} |")
     lines += ["", "Anchor (reference section 6: timm, RTX 3090, AMP, channels_last): "
               + ", ".join(f"{k.upper()}@{v[0]} bs{v[1]} {v[2]:g} images/s" for k, v in ANCHOR.items()), ""]
     return "\n".join(lines)
@@ -301,7 +335,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a tiny check of the logic)")
     p.add_argument("--models", nargs="+", default=["s", "l", "xl"], choices=list(MODEL_NAMES))
-    p.add_argument("--impls", nargs="+", default=["ours", "timm"], choices=["ours", "timm"])
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS),
+                   help="ours-nhwc-weights: our model with channels_last parameters, eager, --layout-models only")
+    p.add_argument("--layout-models", nargs="+", default=["s", "xl"], choices=list(MODEL_NAMES),
+                   help="models that also run as ours-nhwc-weights at the first and last stage size (the "
+                   "weight-layout cost)")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes (default: the paper stages)")
     p.add_argument("--batch", type=int, default=0, help="one batch for every case (default: scaled anchor batch)")
     p.add_argument("--batch-scale", type=float, default=1.0, help="multiply the default batches (memory allows "

@@ -47,7 +47,8 @@ class ModelConfig:
     padding: str = "symmetric"
     """'symmetric' (PyTorch padding) or 'same' (TF padding, needed to import tf_efficientnetv2_* weights)."""
     channels_last: bool = True
-    """NHWC memory format; faster for convnets on GPU."""
+    """NHWC activations (the model converts its input; parameters keep the default layout, which DeepSpeed
+    needs): cuDNN / oneDNN then run NHWC convolution kernels, faster for convnets on GPU."""
     grad_checkpointing: str = "none"
     """Activation checkpointing: 'none', 'block' or 'stage'."""
     compile: bool = False

@@ -30,6 +30,9 @@ and optimizer in fp32, matmuls / convolutions in bf16, gradients reduced in fp32
 'bf16' forces autocast; 'bf16_weights' is DeepSpeed's ``bf16`` mode (bf16 weights and BN statistics, fp32 master
 copy in the optimizer; inputs are cast to bf16 by :meth:`Engine.forward`).
 
+Memory format: DeepSpeed gets the model's parameters contiguous (:func:`contiguous_parameters`); NHWC
+convolutions come from channels_last activations (EfficientNetV2's ``channels_last`` option), not weights.
+
 Checkpoints: :meth:`Engine.save` / :meth:`Engine.load` wrap DeepSpeed's, with the
 ``universal_checkpoint_info`` that :func:`convert_to_universal` needs to re-shard a checkpoint for another
 number of ranks. :func:`consolidate_fp32_state_dict` turns any checkpoint into one fp32 state dict.
@@ -64,8 +67,8 @@ from pipeline.optim import accumulation_steps, set_lr
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Engine", "accumulation_steps", "build_ds_config", "consolidate_fp32_state_dict", "convert_to_universal",
-    "init_distributed", "is_universal_checkpoint", "saved_world_size", "saved_zero_stage",
+    "Engine", "accumulation_steps", "build_ds_config", "consolidate_fp32_state_dict", "contiguous_parameters",
+    "convert_to_universal", "init_distributed", "is_universal_checkpoint", "saved_world_size", "saved_zero_stage",
 ]
 
 UNIVERSAL_CHECKPOINT_INFO = {"universal_checkpoint_version": 0.2}
@@ -210,6 +213,35 @@ def init_distributed(timeout_s: int = 1800, backend: Optional[str] = None) -> tu
 # engine
 
 
+def contiguous_parameters(model: nn.Module) -> int:
+    """Give every parameter of ``model`` the default contiguous layout, in place; returns how many changed.
+
+    DeepSpeed broadcasts every parameter at start-up as ``p.data.view(torch.uint8)``, which needs a unit
+    stride in the last dimension: a channels_last conv weight (e.g. a timm model moved with
+    ``.to(memory_format=torch.channels_last)``) fails there with "self.stride(-1) must be 1 to view Float as
+    Byte" (ZeRO-3's partitioning broadcasts the same way). Little is lost: ZeRO 1 and 2 re-create every
+    parameter as a contiguous view of their flat buffer during initialize, and ZeRO-3 gathers into contiguous
+    views, so there a parameter layout would not survive anyway (only stage 0 keeps the module's tensors); and
+    NHWC convolution kernels follow from a channels_last input (torch picks NHWC when the input OR the weight
+    is channels_last). The Parameter objects stay the same, so an optimizer built on them still holds them.
+    One log line (rank 0) says what was changed.
+    """
+    changed: dict[str, int] = {}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_contiguous():
+                continue
+            layout = ("channels_last" if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+                      else "strided")
+            p.data = p.data.contiguous()
+            changed[layout] = changed.get(layout, 0) + 1
+    if changed and (not dist.is_initialized() or dist.get_rank() == 0):
+        what = ", ".join(f"{n} {layout}" for layout, n in sorted(changed.items()))
+        log.warning("made %d parameter(s) contiguous for DeepSpeed (%s); activations stay NHWC when the "
+                    "input is channels_last (EfficientNetV2: model.channels_last)", sum(changed.values()), what)
+    return sum(changed.values())
+
+
 class Engine:
     """A DeepSpeed engine with our config, explicit accumulation, lr setting, checkpoints.
 
@@ -222,6 +254,7 @@ class Engine:
         deepspeed = _deepspeed()
         init_distributed(timeout_s)
         self.config = ds_config
+        contiguous_parameters(model)
         self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                  dist_init_required=False)
         self._micro = 0  # micro-batches done in the current optimizer step

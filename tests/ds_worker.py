@@ -295,6 +295,12 @@ def scenario_channels_last(results: dict) -> None:
             results[f"{key}_messages"] = [m for m in handler.messages if "contiguous" in m]
             results[f"{key}_losses"] = [train_step(engine, step) for step in range(2)]
             results[f"{key}_contiguous_after"] = all(p.is_contiguous() for p in full_params(engine).values())
+            # ZeRO 1/2 turn the parameters into views of their flat buffers (one per param group), so no
+            # parameter layout of the user's would survive initialize anyway
+            params = list(engine.module.parameters())
+            results[f"{key}_storages"] = len({p.untyped_storage().data_ptr() for p in params})
+            results[f"{key}_params"] = len(params)
+            results[f"{key}_param_groups"] = len(engine.optimizer.param_groups)
             del engine
     finally:
         engine_log.removeHandler(handler)

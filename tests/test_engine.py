@@ -309,3 +309,24 @@ def test_bf16_weights_train_and_export_fp32_master(ds_runs, stage):
     losses = res[f"bf16w_z{stage}_losses"]
     assert all(l == l for l in losses) and losses == pytest.approx(res["z2_losses"][:3], rel=0.1)
     assert res[f"bf16w_z{stage}_consolidated_fp32_master"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_channels_last_parameters_are_made_contiguous(ds_runs, world, stage):
+    """deepspeed.initialize broadcasts each parameter as a byte view, which a channels_last conv weight
+    refuses; the engine hands DeepSpeed contiguous parameters, logs it once (rank 0), and nothing changes in
+    what is computed."""
+    res = ds_launch.results(ds_runs[world])
+    key = f"cl_z{stage}"
+    assert res[f"{key}_channels_last_before"] == 2  # both 3x3 conv weights of the worker's model
+    assert len(res[f"{key}_messages"]) == 1 and "made 2 parameter(s) contiguous" in res[f"{key}_messages"][0]
+    if world == 2:
+        assert ds_launch.results(ds_runs[2], rank=1)[f"{key}_messages"] == []
+    assert res[f"{key}_contiguous_after"]
+    assert res[f"{key}_losses"] == pytest.approx(res[f"z{stage}_losses"][:2], rel=1e-5)
+    if stage == 0:  # DeepSpeed keeps the module's own tensors
+        assert res[f"{key}_storages"] == res[f"{key}_params"]
+    elif stage in (1, 2):  # views of one flat buffer per param group: a parameter layout cannot survive
+        assert res[f"{key}_storages"] == res[f"{key}_param_groups"] < res[f"{key}_params"]

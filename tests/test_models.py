@@ -335,22 +335,64 @@ def test_grad_checkpointing_option_and_errors():
         tiny().set_grad_checkpointing(True, "layer")
 
 
-def test_channels_last_same_outputs():
-    ref = tiny()
-    cl = copy.deepcopy(ref)
-    cl.to(memory_format=torch.channels_last)
-    cl.channels_last = True
-    assert create_model(TINY, channels_last=True).stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 48, 48)
-    with torch.no_grad():
-        for mode in (False, True):
-            outs = []
-            for model in (cl, ref):
-                torch.manual_seed(5)  # same dropout / drop-path draws in train mode
-                outs.append(model.train(mode)(x))
-            torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
-    feats = cl.eval().forward_features(x)
-    assert feats.is_contiguous(memory_format=torch.channels_last)
+def test_channels_last_keeps_parameters_contiguous():
+    """channels_last is a layout of the activations: the parameters keep the default layout, so DeepSpeed's
+    start-up broadcast (every parameter as ``p.data.view(torch.uint8)``) works; a channels_last 3x3 weight
+    fails that view ("self.stride(-1) must be 1 to view Float as Byte")."""
+    model = create_model(TINY, channels_last=True)
+    assert model.channels_last
+    for name, p in model.named_parameters():
+        assert p.is_contiguous(), name
+        p.data.view(torch.uint8)  # what deepspeed.initialize does to each parameter
+    with pytest.raises(RuntimeError, match="stride"):
+        model.stem.conv.weight.detach().contiguous(memory_format=torch.channels_last).view(torch.uint8)
+
+
+def test_channels_last_same_outputs_and_gradients():
+    ref, cl = tiny(), tiny(channels_last=True)
+    for (name, a), b in zip(ref.state_dict().items(), cl.state_dict().values()):
+        assert torch.equal(a, b), name  # same initial weights: the flag changes no parameter
+    x = torch.randn(4, 3, 48, 48)
+    for mode in (False, True):
+        outs = []
+        for model in (cl, ref):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(5)  # same dropout / drop-path draws in train mode
+            out = model.train(mode)(x)
+            out.square().mean().backward()
+            outs.append(out.detach())
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+        scale = max(p.grad.abs().max().item() for p in ref.parameters())
+        for (name, p), q in zip(ref.named_parameters(), cl.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5 * scale, msg=name)
+            assert q.grad.is_contiguous(), name  # the gradient follows the parameter's layout
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_activations_stay_nhwc(channels_last):
+    """With contiguous weights, a channels_last input is enough for the conv kernels (cuDNN on GPUs; oneDNN and
+    the native im2col path that takes the 1x1 convs here) to run NHWC: every conv / BN / SiLU / block output in the network is channels_last, and none is
+    without the flag; the parameters' gradients keep the parameters' (contiguous) layout."""
+    model = tiny(channels_last=channels_last).train()
+    layouts: dict[str, bool] = {}
+
+    def record(name):
+        def hook(module, args, out):
+            # (B, C, 1, 1) or (B, 1, H, W) is both layouts at once: only the unambiguous ones count
+            if out.dim() == 4 and out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1:
+                layouts[name] = out.is_contiguous(memory_format=torch.channels_last)
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.SiLU)) or m in set(model.blocks()):
+            m.register_forward_hook(record(name))
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)  # the loader's NCHW batch
+    feats = model.forward_features(x)
+    feats.mean().backward()
+    assert len(layouts) > 40 and feats.shape[-1] == 2
+    assert all(v == channels_last for v in layouts.values()), {k: v for k, v in layouts.items() if v != channels_last}
+    assert feats.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert all(p.grad.is_contiguous() for p in model.parameters() if p.grad is not None)
 
 
 def _compare_training_step(model, compiled_model, compiled):

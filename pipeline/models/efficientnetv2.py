@@ -19,7 +19,8 @@ CHECKPOINT_GRANULARITIES = ("block", "stage")
 class EfficientNetV2(nn.Module):
     """stem (3x3 s2 conv, BN, SiLU) -> stages -> head (1x1 conv, BN, SiLU) -> mean pool -> dropout -> linear.
 
-    Build it with :func:`create_model`; the constructor takes an explicit :class:`ArchSpec`.
+    Build it with :func:`create_model`; the constructor takes an explicit :class:`ArchSpec`. With
+    ``channels_last`` the forward pass runs in NHWC (the input is converted; parameters keep the default layout).
     """
 
     def __init__(self, arch: ArchSpec, num_classes: int = 1000, drop_rate: float = 0.2,
@@ -40,9 +41,13 @@ class EfficientNetV2(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.pretrained_cfg: dict[str, Any] = {}
+        # channels_last is a layout of the activations, not of the parameters: forward_features makes the input
+        # NHWC, and the conv kernels (cuDNN; on CPU oneDNN and the native im2col path) then run NHWC and return
+        # NHWC outputs because the input is (torch's rule: input OR weight channels_last), so every activation
+        # stays NHWC.
+        # The weights stay contiguous: DeepSpeed broadcasts each parameter as a byte view (which needs a
+        # contiguous last dimension) and ZeRO 1-3 re-create parameters as views of flat buffers anyway.
         self.reset_parameters()
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
 
     # ---- init -------------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -203,7 +208,8 @@ def create_model(name: str, num_classes: int = 1000, drop_rate: Optional[float] 
         drop_rate: dropout before the classifier; None takes the variant's default (S 0.2, M 0.3, L/XL 0.4).
         drop_path_rate: stochastic depth of the deepest block (block i of N: rate * i / N).
         options: ``bn_eps`` (1e-3), ``bn_momentum`` (0.1 = official Keras 0.9; the paper's 0.99 is 0.01),
-            ``padding`` ('symmetric' or TF 'same'), ``channels_last`` (False), ``grad_checkpointing``
+            ``padding`` ('symmetric' or TF 'same'), ``channels_last`` (False: NHWC activations, the input is
+            converted in forward; parameters always keep the default contiguous layout), ``grad_checkpointing``
             (False / 'none', True / 'block', 'stage'), ``in_chans`` (3).
     """
     variant = get_variant(name)
