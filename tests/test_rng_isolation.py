@@ -111,6 +111,10 @@ def test_trainer_step_is_the_same_after_a_loader_restart_and_an_eval(demo_shards
         finally:
             tr.loader.close()
             tr.logger.close()
+            # train() would restore the signal handlers at its end; left installed, this pytest process and
+            # every process it forks later (a multiprocessing pool's workers) would take SIGTERM as a
+            # preemption request and never end on Pool.terminate()
+            tr.preempt.close()
     (a1, a2, a_rng, a_params), (b1, b2, b_rng, b_params) = results
     assert a1 == b1
     assert a2 == b2, f"step 2's loss changed after a loader restart and an eval: {a2} vs {b2}"
