@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -37,6 +35,7 @@ from typing import Optional
 
 import pytest
 
+import pretrain_launch as launch
 from ds_launch import child_env
 from pipeline.checkpoint import read_marker, rank_file
 from pipeline.config import load_config
@@ -195,14 +194,14 @@ class Recipes:
         log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         with open(log, "w") as f:
-            # its own session: a launch that runs out of time is ended with all its ranks and loader workers
             proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(PYTHONWARNINGS="ignore"), stdout=f,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 rc = proc.wait(timeout=TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=60)
+                # the whole tree: torchrun starts every rank in a session of its own, so killing the launcher's
+                # process group would leave the ranks (and their loader workers) running
+                launch.kill9(proc)
                 rc = -1
                 f.write(f"\n(timed out after {TIMEOUT_S}s; killed)\n")
         self._timed(f"{config.parent.name}/{config.name}", t0)
