@@ -13,7 +13,9 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# (re)installs when pyproject.toml or this recipe changes. The editable install is a plain path .pth line to the
+# project root (pyproject.toml: package-dir), so no `shards/` or `pipeline/` folder in the user's cwd can shadow it.
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip >/dev/null 2>&1 || true
 	# torch / torchvision first, pinned to the releases that install from local disk on the CI machines
