@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import random
+import re
 import tarfile
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import build_eval_loader, build_train_loader
+from pipeline.data.protocol import (Address, Batch, EvalBatch, Fetch, Missing, Plan, ReaderBatch, ReaderFailure,
+                                    ReaderReport, SampleStream)
 from pipeline.data.shards import (DataError, DatasetReaders, ShuffleStream, TrainPlan, epoch_order, load_split,
                                   split_shards)
 from pipeline.progressive import Stage
@@ -330,9 +334,11 @@ def test_corrupt_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(b["image"]).all() for b in batches)
     # over the threshold: one clear error naming the shard and the fix
     ld = loader(cfg_for([root], workers=0, max_bad_fraction=0.05), mbs=4)
-    with pytest.raises(DataError, match=r"could not be read or decoded.*max_bad_fraction.*shards verify"):
+    with pytest.raises(DataError, match=r"could not be read or decoded.*max_bad_fraction.*shards verify") as err:
         for _ in range(12):
             next(ld)
+    # the readers' reports carry the bad samples into the message: key, shard and reason
+    assert re.search(r"Recent: .*train00002 in \S*train-000000\.tar: DecodeError", str(err.value))
 
 
 def test_resume_counts_bad_samples_like_the_uninterrupted_run(tmp_path):
@@ -477,6 +483,21 @@ def test_eval_loader_covers_each_sample_once(tmp_path, workers):
     assert sorted(seen) == sorted(val_keys)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_batches_of_multi_label_data_and_their_bad_samples(tmp_path, workers):
+    root = tmp_path / "mv"
+    write_shards(root, [6] * 4, multi_label=True)
+    val_keys = write_shards(root, [5, 4], split="val", prefix="v", corrupt={"vval00003"}, multi_label=True)
+    ev = build_eval_loader(cfg_for([root], workers=workers), image_size=24, micro_batch_size=4)
+    batches = list(ev)
+    assert ev.bad_samples == 1 and all(type(b) is EvalBatch for b in batches)
+    for b in batches:
+        assert "labels" in b and b["labels"] is b.labels and b.labels.shape == (4, NUM_CLASSES)
+        assert (b.labels.sum(1) == 2 * b.valid).all()  # two labels per real sample, none on padding / bad ones
+    got = [k for b in batches for k, v in zip(b.key, b.valid.tolist()) if v]
+    assert sorted(got) == sorted(set(val_keys) - {"vval00003"})
+
+
 def test_reader_processes_can_be_spawned(data8):
     """The per-worker dataset pickles (spawn start method, macOS), transform and plan included."""
     import pickle
@@ -544,3 +565,91 @@ def test_resume_after_batch_size_changes_matches_uninterrupted(tmp_path, cut):
     _, rest = run(16, cut, res)
     res.close()
     assert [b["key"] for b in first + rest] == [b["key"] for b in ref]
+
+
+# ------------------------------------------------------------------------------- reader -> loader protocol
+
+
+def test_plans_streams_and_fetches_implement_the_protocol(data8):
+    root, keys = data8
+    split = load_split(str(root), "train")
+    plan = TrainPlan([split], weights=None, seed=0, world_size=1, workers=2, resampled=False, shuffle_buffer=4)
+    fetch = DatasetReaders([split])
+    assert isinstance(plan, Plan) and isinstance(fetch, Fetch)
+    stream = plan.stream(0, 0, 1, fetch=fetch)
+    assert isinstance(stream, SampleStream)
+    address, content = stream.next()
+    assert type(address) is Address and address._fields == ("dataset", "instance", "shard", "member", "occurrence")
+    assert plan.global_index(address) == (0, split.offsets[address.shard] + address.member)
+    assert content["__key__"] == keys[plan.global_index(address)[1]]  # keys in write order: the global index
+    assert next(plan.delivered(0, 0, 1, 1)) == address
+    fetch.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_typed_records_that_read_like_dicts(data8, workers):
+    root, _ = data8
+    ld = loader(cfg_for([root], workers=workers), mbs=3)
+    b = next(ld)
+    ld.close()
+    assert type(b) is Batch
+    assert b["image"] is b.image and b["target"] is b.target and b["key"] is b.key
+    assert set(b) == set(b.keys()) == set(dict(b)) == {"image", "target", "key"} and "valid" not in b
+    with pytest.raises(KeyError):
+        b["__reader"]
+    assert b.image.shape == (3, 3, 32, 32) and len(b.key) == 3
+
+
+def test_reader_records_pickle_and_pin_through_the_dataloader(monkeypatch):
+    """What a worker sends: it pickles, the DataLoader's conversion leaves it alone, and pin_memory pins the
+    batch's tensors (without a pin_memory method the DataLoader would leave an unknown object unpinned)."""
+    from torch.utils.data._utils.collate import default_convert
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    bad = Missing("k1", "/x/train-000000.tar", "DecodeError: no")
+    rec = ReaderBatch(Batch(image=torch.rand(2, 3, 4, 4), target=torch.rand(2, 5), key=["k0", "k0"]),
+                      ReaderReport(reader=1, position=8, samples=2, bad=1, bad_examples=(bad,)))
+    back = pickle.loads(pickle.dumps(rec))
+    assert back.report == rec.report and back.batch.key == rec.batch.key
+    assert torch.equal(back.batch.image, rec.batch.image) and torch.equal(back.batch.target, rec.batch.target)
+    assert default_convert(rec) is rec
+    assert pickle.loads(pickle.dumps(ReaderFailure("broken"))) == ReaderFailure("broken")
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t.clone())
+    out = pin_memory(rec)
+    assert type(out) is ReaderBatch and out.report == rec.report and len(pinned) == 2
+    assert out.batch.image is not rec.batch.image and torch.equal(out.batch.image, rec.batch.image)
+    ev = EvalBatch(image=torch.zeros(2, 3, 4, 4), valid=torch.ones(2, dtype=torch.bool),
+                   label=torch.zeros(2, dtype=torch.long), key=["a", "b"])
+    pinned.clear()
+    assert type(pin_memory(ReaderBatch(ev, rec.report)).batch) is EvalBatch and len(pinned) == 3
+    assert "labels" not in ev and set(ev) == {"image", "valid", "label", "key"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_reader_failure_reaches_the_training_process(tmp_path, workers):
+    root = tmp_path / "allbad"
+    keys = [f"train{i:05d}" for i in range(16)]
+    write_shards(root, [4] * 4, corrupt=set(keys))
+    ld = loader(cfg_for([root], workers=workers, max_bad_fraction=1.0), mbs=4)
+    with pytest.raises(DataError, match=r"all 4 samples of a batch failed and no readable replacement"):
+        next(ld)
+    ld.close()
+
+
+def test_the_loader_takes_a_stage_only(data8):
+    from types import SimpleNamespace
+
+    root, _ = data8
+    cfg = cfg_for([root])
+    fake = SimpleNamespace(image_size=32, randaug=0.0, mixup=0.0, cutmix=0.0, micro_batch_size=4)
+    with pytest.raises(TypeError, match="pipeline.progressive.Stage"):
+        loader(cfg, st=fake)
+    ld = loader(cfg)
+    with pytest.raises(TypeError, match="pipeline.progressive.Stage"):
+        ld.set_stage(fake)
+    # the plain stage of the defaults: no RandAugment, no mixing, the loader's micro-batch size
+    ld.set_stage(Stage(index=0, start_step=0, end_step=1, image_size=40))
+    b = next(ld)
+    assert b.image.shape == (4, 3, 40, 40)
+    assert ld.micro_batch_size == 4

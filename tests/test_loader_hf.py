@@ -128,6 +128,21 @@ def test_eval_covers_the_test_split(hf_folder):
     assert sorted(keys) == sorted(f"{hf_folder} [test]#{i}" for i in range(10))
 
 
+def test_the_datasets_source_implements_the_protocol(hf_folder):
+    from pipeline.data.hf import HFPlan, row_address
+    from pipeline.data.protocol import Address, Fetch, Plan, SampleStream
+
+    src = HFSource(load_hf_dataset(str(hf_folder), "train"), image_column="img", label_column="fine", name="tiny")
+    plan = HFPlan(len(src), seed=1, world_size=1, workers=2)
+    assert isinstance(plan, Plan) and isinstance(src, Fetch)
+    stream = plan.stream(0, 0, 1, fetch=src)
+    assert isinstance(stream, SampleStream)
+    address, sample = stream.next()
+    assert type(address) is Address and address == row_address(address.member) == (0, 0, 0, address.member, 0)
+    assert plan.global_index(address) == (0, address.member) and sample["__key__"] == f"tiny#{address.member}"
+    assert next(plan.delivered(0, 0, 1, 1)) == address
+
+
 def test_data_folder_loads_with_load_dataset(tmp_path):
     # a plain folder of parquet files (what a hub dataset's files look like), loaded offline
     ds = datasets.Dataset.from_dict({"image": [{"bytes": _png(i), "path": None} for i in range(6)],

@@ -156,6 +156,13 @@ def test_build_schedule_alias_and_stage_is_frozen():
     assert isinstance(s.stages[0], Stage) and s.stages[0].num_steps == 25
 
 
+def test_a_plain_stage_needs_only_its_steps_and_size():
+    """What the loader reads has defaults: no RandAugment, no mixing, the model's drop-path, the run's micro-batch."""
+    st = Stage(index=0, start_step=0, end_step=1, image_size=64)
+    assert (st.randaug, st.mixup, st.cutmix, st.dropout) == (0.0, 0.0, 0.0, 0.0)
+    assert st.drop_path is None and st.micro_batch_size is None
+
+
 def test_resolve_total_steps():
     assert resolve_total_steps(TrainConfig(total_steps=123), None) == 123
     assert resolve_total_steps(TrainConfig(epochs=60, global_batch_size=4096), 12_720_000) == 186_329

@@ -7,6 +7,8 @@ stored encoded image bytes as they are (JPEG or PNG; the transforms open any for
 reduced decode applies to JPEG), ``cls`` the decimal label like a shard's ``.cls`` member (multi-label columns
 give ``json`` = ``{"labels": [...]}``). Random access makes the plan simple: an epoch is a (seed, epoch)
 permutation of the indices cut into one contiguous range per reader, so a position is an offset into that range.
+The split is one dataset of one shard: a row's address is ``Address(0, 0, 0, row, 0)`` (:func:`row_address`).
+:class:`HFPlan`, :class:`IndexStream` and :class:`HFSource` implement protocol.py's Plan, SampleStream and Fetch.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from .protocol import Address, Content, Fetch
 from .shards import DataError, stable_seed
+
+
+def row_address(row: int) -> Address:
+    """The address of a row of the split."""
+    return Address(0, 0, 0, int(row), 0)
 
 
 def load_hf_dataset(name_or_path: str, split: str):
@@ -134,8 +142,8 @@ class HFSource:
             out["cls"] = str(int(label)).encode()
         return out
 
-    def __call__(self, address) -> dict:
-        return self.sample(address[2])
+    def __call__(self, address: Address) -> Content:
+        return self.sample(address.member)
 
     def close(self) -> None:
         pass
@@ -144,7 +152,7 @@ class HFSource:
 class IndexStream:
     """A reader's share of an epoch: indices in permutation order; the same interface as ShuffleStream."""
 
-    def __init__(self, indices: np.ndarray, fetch=None):
+    def __init__(self, indices: np.ndarray, fetch: Optional[Fetch] = None):
         self.indices = indices
         self.quota = len(indices)
         self.fetch = fetch
@@ -154,20 +162,19 @@ class IndexStream:
     def remaining(self) -> int:
         return self.quota - self.delivered
 
-    def next(self, load: bool = True):
+    def next(self, load: bool = True) -> tuple[Address, Optional[Content]]:
         if self.delivered >= self.quota:
             raise StopIteration
-        i = int(self.indices[self.delivered])
+        address = row_address(self.indices[self.delivered])
         self.delivered += 1
-        address = (0, 0, i, 0, 0)
         return address, (self.fetch(address) if (load and self.fetch is not None) else None)
 
     def skip(self, n: int) -> None:
         self.delivered = min(self.quota, self.delivered + n)
 
-    def peek_contents(self) -> Iterator:
+    def peek_contents(self) -> Iterator[tuple[Address, Content]]:
         for j in range(self.delivered, min(self.quota, self.delivered + 64)):
-            address = (0, 0, int(self.indices[j]), 0, 0)
+            address = row_address(self.indices[j])
             yield address, self.fetch(address)
 
 
@@ -195,16 +202,16 @@ class HFPlan:
     def quota(self, epoch: int) -> int:
         return len(self.order(epoch)) // self.readers
 
-    def stream(self, epoch: int, rank: int, worker: int, fetch=None) -> IndexStream:
+    def stream(self, epoch: int, rank: int, worker: int, fetch: Optional[Fetch] = None) -> IndexStream:
         q = self.quota(epoch)
         slot = rank * self.workers + worker
         return IndexStream(self.order(epoch)[slot * q:(slot + 1) * q], fetch)
 
-    def delivered(self, epoch: int, rank: int, worker: int, count: int):
+    def delivered(self, epoch: int, rank: int, worker: int, count: int) -> Iterator[Address]:
         s = self.stream(epoch, rank, worker)
         for _ in range(min(count, s.quota)):
             yield s.next(load=False)[0]
 
     @staticmethod
-    def global_index(address) -> tuple[int, int]:
-        return 0, address[2]
+    def global_index(address: Address) -> tuple[int, int]:
+        return 0, address.member

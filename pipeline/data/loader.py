@@ -1,18 +1,19 @@
 """Streaming loaders: the resumable training loader (shards or a datasets folder) and the eval loader.
 
 Training. ``build_train_loader(cfg.data, stage=..., micro_batch_size=..., ...)`` returns a :class:`TrainLoader`,
-an endless iterator of batches ``{"image": (B, C, H, W), "target": (B, K) soft targets, "key": [B keys]}``
-across epochs. Each rank runs ``data.workers`` reader processes (or reads in-process with 0 workers); each
-reader streams its own shards (see shards.py), decodes and transforms its samples and builds whole batches,
-including mixup / cutmix. The per-sample augmentation is seeded from (seed, epoch, sample key) and the batch
-mixing from (seed, epoch, reader, position), so what a sample becomes depends on nothing else.
+an endless iterator of :class:`~.protocol.Batch` records (``image`` (B, C, H, W), ``target`` (B, K) soft targets,
+``key`` [B keys]; read by attribute or like the dict they were, ``batch["image"]``) across epochs; ``stage`` is a
+:class:`~pipeline.progressive.Stage`. Each rank runs ``data.workers`` reader processes (or reads in-process with
+0 workers); each reader streams its own shards (see shards.py), decodes and transforms its samples and builds
+whole batches, including mixup / cutmix. The per-sample augmentation is seeded from (seed, epoch, sample key) and
+the batch mixing from (seed, epoch, reader, position), so what a sample becomes depends on nothing else.
 
-Position and resume. Every batch carries the reader it came from and that reader's position (samples
-delivered); the loader records them as the *consumer* receives batches, so prefetched batches that were never
-handed out do not count. torch's DataLoader polls its workers round-robin starting at worker 0 and skips
-exhausted ones; on a restart (resume, stage change, new epoch) worker ``i`` serves reader
-``(i + next_reader) % workers``, so the round-robin continues where it stopped. Fast-forward replays only the
-readers' RNGs and reads the tar members still in the shuffle buffers; nothing is decoded. After
+Position and resume. Every batch comes with a :class:`~.protocol.ReaderReport`: the reader it came from and
+that reader's position (samples delivered); the loader records them as the *consumer* receives batches, so
+prefetched batches that were never handed out do not count. torch's DataLoader polls its workers round-robin
+starting at worker 0 and skips exhausted ones; on a restart (resume, stage change, new epoch) worker ``i`` serves
+reader ``(i + next_reader) % workers``, so the round-robin continues where it stopped. Fast-forward replays only
+the readers' RNGs and reads the tar members still in the shuffle buffers; nothing is decoded. After
 ``load_state_dict`` the batches' keys (and, at the same stage, images and targets) are those the uninterrupted
 run would have produced. A state from a different number of ranks or workers continues the epoch with the
 samples not yet seen (no sample twice in the epoch) -- exactly, but not in the same order as an uninterrupted
@@ -29,8 +30,11 @@ inside their batch instead of shortening it, so no rank ever waits in a collecti
 come.
 
 Eval. ``build_eval_loader`` splits the validation samples into contiguous ranges, one per reader: every sample
-exactly once across ranks; ranks with fewer batches get padding batches, and ``batch["valid"]`` marks the real
-samples.
+exactly once across ranks; ranks with fewer batches get padding batches (:class:`~.protocol.EvalBatch`), and
+``batch.valid`` marks the real samples.
+
+Sources. Shard folders and a datasets folder are both a :class:`~.protocol.Source` (a Plan, a Fetch factory and
+the facts checked on resume); see protocol.py for what another source implements.
 """
 
 from __future__ import annotations
@@ -41,16 +45,19 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
-from .shards import (DataError, DatasetReaders, Missing, SplitIndex, TrainPlan, eval_addresses, eval_ranges,
-                     load_split, sample_seed, stable_seed)
+from ..progressive import Stage
+from .hf import row_address
+from .protocol import (Address, Batch, Content, EvalBatch, Fetch, Missing, Plan, ReaderBatch, ReaderFailure,
+                       ReaderReport, SampleStream, Source)
+from .shards import (DataError, DatasetReaders, SplitIndex, TrainPlan, eval_addresses, eval_ranges, load_split,
+                     sample_seed, stable_seed)
 
 STATE_VERSION = 1
 STATE_KIND = "effnetv2-train-loader"
@@ -73,26 +80,11 @@ class _Same:
         return self.obj
 
 
-def _hf_addresses(start: int, stop: int) -> Iterator[tuple]:
-    return ((0, 0, i, 0, 0) for i in range(start, stop))
+def _hf_addresses(start: int, stop: int) -> Iterator[Address]:
+    return (row_address(i) for i in range(start, stop))
 
 
-@dataclass
-class _Source:
-    """What the readers need about the data, independent of shards vs. a datasets folder."""
-
-    kind: str  # "shards" | "hf"
-    plan: Any  # TrainPlan / HFPlan: quota(), stream(), delivered(), global_index()
-    make_fetch: Callable[[], Any]  # in the reader: address -> sample dict | Missing (with .close())
-    num_classes: int
-    label_maps: list[Optional[np.ndarray]]  # per dataset: its class index -> our class index
-    multi_label: list[bool]
-    identity: dict  # what must not change on resume
-    describe: str
-    dataset_samples: int
-    classes: tuple = ()
-    make_plan: Optional[Callable[..., Any]] = None  # (world_size, workers, exclude, segment) -> plan
-    dataset_sizes: list[int] = field(default_factory=list)
+_Source = Source  # its name before protocol.py
 
 
 def _label_maps(splits: Sequence[SplitIndex]) -> list[Optional[np.ndarray]]:
@@ -114,7 +106,7 @@ def _label_maps(splits: Sequence[SplitIndex]) -> list[Optional[np.ndarray]]:
     return maps
 
 
-def _shard_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int) -> _Source:
+def _shard_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int) -> Source:
     if not cfg.train:
         raise DataError("data.train is empty: list shard folders written by `python -m shards write` "
                         "(or set data.hf_dataset to a datasets folder)")
@@ -130,14 +122,14 @@ def _shard_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int) 
                 "weights": list(cfg.train_weights), "resampled": bool(cfg.resampled),
                 "shuffle_buffer": int(cfg.shuffle_buffer), "seed": int(seed)}
     names = ", ".join(f"{s.root} ({s.samples} samples, {s.num_shards} shards)" for s in splits)
-    return _Source(kind="shards", plan=plan, make_fetch=functools.partial(DatasetReaders, splits),
-                   num_classes=splits[0].num_classes, label_maps=_label_maps(splits),
-                   multi_label=[s.multi_label for s in splits], identity=identity, describe=names,
-                   dataset_samples=sum(s.samples for s in splits), classes=splits[0].classes,
-                   make_plan=make_plan, dataset_sizes=[s.samples for s in splits])
+    return Source(kind="shards", plan=plan, make_plan=make_plan, make_fetch=functools.partial(DatasetReaders, splits),
+                  num_classes=splits[0].num_classes, label_maps=_label_maps(splits),
+                  multi_label=[s.multi_label for s in splits], identity=identity, describe=names,
+                  dataset_samples=sum(s.samples for s in splits), classes=splits[0].classes,
+                  dataset_sizes=[s.samples for s in splits], draws_with_replacement=bool(cfg.resampled))
 
 
-def _hf_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int, split: str) -> _Source:
+def _hf_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int, split: str) -> Source:
     from .hf import HFPlan, HFSource
 
     src = HFSource.from_config(cfg, split)
@@ -147,10 +139,10 @@ def _hf_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int, spl
                       segment=segment)
 
     identity = {"type": "hf", "datasets": [src.fingerprint()], "seed": int(seed)}
-    return _Source(kind="hf", plan=make_plan(world_size, workers), make_fetch=_Same(src),
-                   num_classes=src.num_classes, label_maps=[None], multi_label=[src.multi_label],
-                   identity=identity, describe=f"{cfg.hf_dataset} [{split}] ({len(src)} samples)",
-                   dataset_samples=len(src), classes=src.classes, make_plan=make_plan, dataset_sizes=[len(src)])
+    return Source(kind="hf", plan=make_plan(world_size, workers), make_plan=make_plan, make_fetch=_Same(src),
+                  num_classes=src.num_classes, label_maps=[None], multi_label=[src.multi_label],
+                  identity=identity, describe=f"{cfg.hf_dataset} [{split}] ({len(src)} samples)",
+                  dataset_samples=len(src), classes=src.classes, dataset_sizes=[len(src)])
 
 
 # -------------------------------------------------------------------------------------------- labels
@@ -187,10 +179,20 @@ def _soft_targets(labels: list[list[int]], num_classes: int, smoothing: float) -
 # --------------------------------------------------------------------------------------- train reader
 
 
-class _TrainReaders(IterableDataset):
-    """One epoch segment of one rank: iterated in each worker (or in-process), yields whole batches."""
+class _Decoded(NamedTuple):
+    """One sample after decoding: an image and labels, or the error that replaced them."""
 
-    def __init__(self, *, source: _Source, plan: Any, epoch: int, rank: int, workers: int, positions: list[int],
+    image: Optional[torch.Tensor]
+    labels: Optional[list[int]]
+    key: str
+    error: Optional[str]
+
+
+class _TrainReaders(IterableDataset):
+    """One epoch segment of one rank: iterated in each worker (or in-process), yields whole batches as
+    :class:`ReaderBatch` records (a :class:`ReaderFailure` when the data cannot go on)."""
+
+    def __init__(self, *, source: Source, plan: Plan, epoch: int, rank: int, workers: int, positions: list[int],
                  start_reader: int, batch_size: int, transform: Callable, num_classes: int, smoothing: float,
                  mixup: float, cutmix: float, seed: int):
         self.plan, self.epoch, self.rank = plan, epoch, rank
@@ -207,41 +209,40 @@ class _TrainReaders(IterableDataset):
         self.seed = seed
         self.sample_base = stable_seed("sample", seed, epoch)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Union[ReaderBatch, ReaderFailure]]:
         info = get_worker_info()
         reader = 0 if info is None else (info.id + self.start_reader) % self.workers
         return self._run(reader)
 
-    def _run(self, reader: int) -> Iterator[dict]:
-        fetch = self.make_fetch()
+    def _run(self, reader: int) -> Iterator[Union[ReaderBatch, ReaderFailure]]:
+        fetch: Fetch = self.make_fetch()
         try:
             stream = self.plan.stream(self.epoch, self.rank, reader, fetch=fetch)
             stream.skip(self.positions[reader])
             while stream.remaining >= self.batch_size:
                 yield self._batch(stream, reader)
         except DataError as e:
-            yield {"__error__": str(e)}
+            yield ReaderFailure(str(e))
         finally:
-            if hasattr(fetch, "close"):
-                fetch.close()
+            fetch.close()
 
-    def _decode(self, address, content) -> tuple[Optional[torch.Tensor], Optional[list[int]], str, Optional[str]]:
-        """(image, labels, key, error): the sample's augmentation seeded from (seed, epoch, key)."""
+    def _decode(self, address: Address, content: Content) -> _Decoded:
+        """The sample's image and labels; its augmentation seeded from (seed, epoch, key)."""
         if isinstance(content, Missing):
-            return None, None, content.key, content.reason
+            return _Decoded(None, None, content.key, content.reason)
         key = content.get("__key__", "?")
-        d = address[0]
+        d = address.dataset
         try:
             labels = _parse_labels(content, self.multi_label[d], self.label_maps[d], self.num_classes)
-            s = sample_seed(self.sample_base, key if not address[4] else f"{key}#{address[4]}")
+            s = sample_seed(self.sample_base, key if not address.occurrence else f"{key}#{address.occurrence}")
             random.seed(s)
             torch.default_generator.manual_seed(s)
             image = self.transform(content)
         except Exception as e:  # decode errors, bad labels: counted, shown in the threshold error
-            return None, None, key, f"{type(e).__name__}: {e}"
-        return image, labels, key, None
+            return _Decoded(None, None, key, f"{type(e).__name__}: {e}")
+        return _Decoded(image, labels, key, None)
 
-    def _batch(self, stream, reader: int) -> dict:
+    def _batch(self, stream: SampleStream, reader: int) -> ReaderBatch:
         start_pos = stream.delivered
         items = [stream.next() for _ in range(self.batch_size)]
         images, labels, keys, bad = [], [], [], []
@@ -284,9 +285,9 @@ class _TrainReaders(IterableDataset):
             gen = torch.Generator().manual_seed(stable_seed("mix", self.seed, self.epoch, slot, start_pos)
                                                 & 0x7FFFFFFFFFFFFFFF)
             image, target = mix_batch(image, target, self.mixup, self.cutmix, gen)
-        return {"image": image, "target": target, "key": keys, "__reader": reader, "__pos": stream.delivered,
-                "__n": len(items), "__bad": len(bad),
-                "__bad_examples": [(b.key, b.url, b.reason) for b in bad[:_MAX_BAD_EXAMPLES]]}
+        report = ReaderReport(reader=reader, position=stream.delivered, samples=len(items), bad=len(bad),
+                              bad_examples=tuple(bad[:_MAX_BAD_EXAMPLES]))
+        return ReaderBatch(Batch(image=image, target=target, key=keys), report)
 
 
 # -------------------------------------------------------------------------------------- train loader
@@ -327,10 +328,16 @@ def _loader_generator(*parts: Any) -> torch.Generator:
     return torch.Generator().manual_seed(stable_seed("dataloader", *parts) & 0x7FFFFFFFFFFFFFFF)
 
 
-def _default_transform(cfg: DataConfig, stage) -> Callable:
+def _default_transform(cfg: DataConfig, stage: Stage) -> Callable:
     from .transforms import TrainTransform
 
     return TrainTransform(cfg, stage.image_size, stage.randaug)
+
+
+def _check_stage(stage: Any) -> None:
+    if not isinstance(stage, Stage):
+        raise TypeError(f"the training loader takes a pipeline.progressive.Stage, got {type(stage).__name__} (build "
+                        "one: Stage(index=0, start_step=0, end_step=1, image_size=..., mixup=..., ...))")
 
 
 class TrainLoader:
@@ -340,9 +347,10 @@ class TrainLoader:
     ``bad_samples``. ``stats()`` adds samples/s and the time the consumer waited for batches.
     """
 
-    def __init__(self, cfg: DataConfig, source: _Source, *, stage, micro_batch_size: int, num_classes: int,
+    def __init__(self, cfg: DataConfig, source: Source, *, stage: Stage, micro_batch_size: int, num_classes: int,
                  label_smoothing: float, seed: int, rank: int, world_size: int, workers: int,
-                 transform_factory: Optional[Callable[[DataConfig, Any], Callable]] = None):
+                 transform_factory: Optional[Callable[[DataConfig, Stage], Callable]] = None):
+        _check_stage(stage)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg = cfg
@@ -370,7 +378,7 @@ class TrainLoader:
         self.samples_seen = 0
         self.bad_samples = 0
         self.batches = 0
-        self.bad_examples: list[tuple[str, str, str]] = []
+        self.bad_examples: list[Missing] = []
         self._it: Optional[Iterator] = None
         self._dl: Optional[DataLoader] = None
         self._empty_epochs = 0
@@ -407,7 +415,7 @@ class TrainLoader:
     def __iter__(self) -> "TrainLoader":
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch:
         while True:
             if self._it is None:
                 self._start()
@@ -446,8 +454,7 @@ class TrainLoader:
             source=self.source, plan=self.plan, epoch=self.epoch, rank=self.rank, workers=self.readers_per_rank,
             positions=self.positions, start_reader=self.next_reader, batch_size=self.micro_batch_size,
             transform=self._transform_now(), num_classes=self.num_classes, smoothing=self.label_smoothing,
-            mixup=float(getattr(self.stage, "mixup", 0.0) or 0.0),
-            cutmix=float(getattr(self.stage, "cutmix", 0.0) or 0.0), seed=self.seed)
+            mixup=float(self.stage.mixup), cutmix=float(self.stage.cutmix), seed=self.seed)
         if self.num_workers == 0:
             self._dl = None
             self._it = iter(readers)
@@ -493,24 +500,21 @@ class TrainLoader:
             self.history = []
             self.plan = self.source.make_plan(self.world_size, self.readers_per_rank)
 
-    def _accept(self, rec: dict) -> dict:
-        if "__error__" in rec:
+    def _accept(self, rec: Union[ReaderBatch, ReaderFailure]) -> Batch:
+        if isinstance(rec, ReaderFailure):
             self._stop()
-            raise DataError(rec["__error__"])
-        reader = rec.pop("__reader")
-        self.positions[reader] = rec.pop("__pos")
-        self.next_reader = (reader + 1) % self.readers_per_rank
-        n = rec.pop("__n")
-        nbad = rec.pop("__bad")
-        examples = rec.pop("__bad_examples")
-        self.samples_seen += n
-        self._win_samples += n
-        self.bad_samples += nbad
+            raise DataError(rec.message)
+        report = rec.report
+        self.positions[report.reader] = report.position
+        self.next_reader = (report.reader + 1) % self.readers_per_rank
+        self.samples_seen += report.samples
+        self._win_samples += report.samples
+        self.bad_samples += report.bad
         self.batches += 1
-        if examples:
-            self.bad_examples = (self.bad_examples + [tuple(e) for e in examples])[-_MAX_BAD_EXAMPLES:]
+        if report.bad_examples:
+            self.bad_examples = (self.bad_examples + list(report.bad_examples))[-_MAX_BAD_EXAMPLES:]
         self._check_bad()
-        return rec
+        return rec.batch
 
     def _check_bad(self, force: bool = False) -> None:
         if self.samples_seen == 0 or (not force and self.samples_seen < MIN_SAMPLES_FOR_BAD_CHECK):
@@ -518,7 +522,7 @@ class TrainLoader:
         frac = self.bad_samples / self.samples_seen
         if frac > self.cfg.max_bad_fraction:
             self._stop()
-            lines = "; ".join(f"{k} in {u}: {r}" for k, u, r in self.bad_examples)
+            lines = "; ".join(f"{b.key} in {b.url}: {b.reason}" for b in self.bad_examples)
             raise DataError(
                 f"rank {self.rank}: {self.bad_samples} of {self.samples_seen} samples ({frac:.2%}) could not be "
                 f"read or decoded, above data.max_bad_fraction={self.cfg.max_bad_fraction:g}. Recent: {lines}. "
@@ -527,16 +531,17 @@ class TrainLoader:
 
     # --- stages
 
-    def set_stage(self, stage, micro_batch_size: Optional[int] = None) -> None:
+    def set_stage(self, stage: Stage, micro_batch_size: Optional[int] = None) -> None:
         """Switch to a stage's transforms (and micro-batch size) at the current position.
 
         The readers restart from the samples the consumer has received: prefetched batches of the old stage
         are dropped and their samples come again under the new stage, so none is lost or repeated.
         """
+        _check_stage(stage)
         self._stop()
         self.stage = stage
         if micro_batch_size is None:
-            micro_batch_size = getattr(stage, "micro_batch_size", None) or self.micro_batch_size
+            micro_batch_size = stage.micro_batch_size or self.micro_batch_size
         self.micro_batch_size = int(micro_batch_size)
         self._transform = None
         self._check_batch_size()
@@ -600,11 +605,11 @@ class TrainLoader:
         self.plan = self._plan_after(history)
         self._check_batch_size()
 
-    def _plan_after(self, history: list[dict]):
+    def _plan_after(self, history: list[dict]) -> Plan:
         """The plan for this layout, leaving out what earlier layouts delivered in this epoch."""
         if not history:
             return self.source.make_plan(self.world_size, self.readers_per_rank)
-        if self.cfg.resampled and self.source.kind == "shards":
+        if self.source.draws_with_replacement:
             # draws with replacement: nothing to exclude, only a fresh RNG stream
             return self.source.make_plan(self.world_size, self.readers_per_rank, None, len(history))
         seen = [np.zeros(n, dtype=bool) for n in self.source.dataset_sizes]
@@ -618,13 +623,14 @@ class TrainLoader:
         return self.source.make_plan(self.world_size, self.readers_per_rank, seen, len(history))
 
 
-def build_train_loader(cfg: DataConfig, *, stage, micro_batch_size: Optional[int] = None, num_classes: int = 0,
-                       label_smoothing: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1,
-                       workers: Optional[int] = None,
-                       transform_factory: Optional[Callable[[DataConfig, Any], Callable]] = None) -> TrainLoader:
+def build_train_loader(cfg: DataConfig, *, stage: Stage, micro_batch_size: Optional[int] = None,
+                       num_classes: int = 0, label_smoothing: float = 0.0, seed: int = 0, rank: int = 0,
+                       world_size: int = 1, workers: Optional[int] = None,
+                       transform_factory: Optional[Callable[[DataConfig, Stage], Callable]] = None) -> TrainLoader:
     """The training loader of one rank, from shards (``cfg.train``) or a datasets folder (``cfg.hf_dataset``).
 
-    ``stage``: a progressive.Stage (image_size, randaug, mixup, cutmix, micro_batch_size are read).
+    ``stage``: a :class:`~pipeline.progressive.Stage` (image_size, randaug, mixup, cutmix, micro_batch_size are
+    read).
     ``micro_batch_size``: per rank; None takes ``stage.micro_batch_size``. ``num_classes`` 0: the data's.
     ``workers`` None: ``cfg.workers``. ``transform_factory(cfg, stage)`` replaces the TrainTransform (tests,
     benchmarks).
@@ -635,7 +641,8 @@ def build_train_loader(cfg: DataConfig, *, stage, micro_batch_size: Optional[int
         source = _hf_source(cfg, seed=seed, world_size=world_size, workers=readers, split=cfg.hf_train_split)
     else:
         source = _shard_source(cfg, seed=seed, world_size=world_size, workers=readers)
-    mbs = micro_batch_size or getattr(stage, "micro_batch_size", None)
+    _check_stage(stage)
+    mbs = micro_batch_size or stage.micro_batch_size
     if not mbs:
         raise ValueError("build_train_loader needs micro_batch_size (or a stage with micro_batch_size)")
     return TrainLoader(cfg, source, stage=stage, micro_batch_size=mbs, num_classes=num_classes,
@@ -647,44 +654,55 @@ def build_train_loader(cfg: DataConfig, *, stage, micro_batch_size: Optional[int
 
 
 class _EvalReaders(IterableDataset):
-    def __init__(self, *, ranges: list[tuple[int, int]], addresses: Callable[[int, int], Iterator], make_fetch,
-                 batch_size: int, transform: Callable, image_size: int, num_classes: int, multi_label: bool):
+    """One rank's eval readers: reader ``i`` reads the samples of ``ranges[i]`` in order, yields ReaderBatch
+    records of EvalBatch (the last one padded)."""
+
+    def __init__(self, *, ranges: list[tuple[int, int]], addresses: Callable[[int, int], Iterator[Address]],
+                 make_fetch: Callable[[], Fetch], batch_size: int, transform: Callable, image_size: int,
+                 num_classes: int, multi_label: bool):
         self.ranges, self.addresses, self.make_fetch = ranges, addresses, make_fetch
         self.batch_size, self.transform, self.image_size = batch_size, transform, image_size
         self.num_classes, self.multi_label = num_classes, multi_label
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[ReaderBatch]:
         info = get_worker_info()
         reader = 0 if info is None else info.id
         start, stop = self.ranges[reader]
         fetch = self.make_fetch()
+        position = 0
         try:
-            batch: list = []
+            batch: list[_Decoded] = []
             for address in self.addresses(start, stop):
-                batch.append(self._one(address, fetch(address)))
+                batch.append(self._one(fetch(address)))
                 if len(batch) == self.batch_size:
-                    yield self.collate(batch)
+                    position += len(batch)
+                    yield self._record(reader, position, batch)
                     batch = []
             if batch:
-                yield self.collate(batch)
+                position += len(batch)
+                yield self._record(reader, position, batch)
         finally:
-            if hasattr(fetch, "close"):
-                fetch.close()
+            fetch.close()
 
-    def _one(self, address, content) -> tuple:
+    def _one(self, content: Content) -> _Decoded:
         if isinstance(content, Missing):
-            return None, None, content.key
+            return _Decoded(None, None, content.key, content.reason)
         key = content.get("__key__", "?")
         try:
             labels = _parse_labels(content, self.multi_label, None, self.num_classes)
-            return self.transform(content), labels, key
-        except Exception:
-            return None, None, key
+            return _Decoded(self.transform(content), labels, key, None)
+        except Exception as e:
+            return _Decoded(None, None, key, f"{type(e).__name__}: {e}")
 
-    def collate(self, items: list) -> dict:
+    def _record(self, reader: int, position: int, items: list[_Decoded]) -> ReaderBatch:
+        report = ReaderReport(reader=reader, position=position, samples=len(items),
+                              bad=sum(d.image is None for d in items))
+        return ReaderBatch(self.collate(items), report)
+
+    def collate(self, items: list[_Decoded]) -> EvalBatch:
         """A full-size batch (in the worker, so that the stacked tensor is what gets pinned): ``items`` first,
         then padding (zeros, label -1, invalid); ``collate([])`` is an all-padding batch."""
-        good = next((im for im, _, _ in items if im is not None), None)
+        good = next((d.image for d in items if d.image is not None), None)
         pad = torch.zeros(good.shape if good is not None else (3, self.image_size, self.image_size))
         n = self.batch_size
         valid = torch.zeros(n, dtype=torch.bool)
@@ -692,7 +710,7 @@ class _EvalReaders(IterableDataset):
         keys = [""] * n
         images = [pad] * n
         multi = torch.zeros(n, self.num_classes, dtype=torch.bool) if self.multi_label else None
-        for i, (im, lab, key) in enumerate(items):
+        for i, (im, lab, key, _) in enumerate(items):
             keys[i] = key
             if im is not None:
                 valid[i] = True
@@ -700,24 +718,21 @@ class _EvalReaders(IterableDataset):
                 images[i] = im
                 if multi is not None:
                     multi[i, lab] = True
-        out = {"image": torch.stack(images), "valid": valid, "label": label, "key": keys,
-               "__bad": sum(im is None for im, _, _ in items)}
-        if multi is not None:
-            out["labels"] = multi
-        return out
+        return EvalBatch(image=torch.stack(images), valid=valid, label=label, key=keys, labels=multi)
 
 
 class EvalLoader:
     """Every validation sample exactly once across ranks, the same number of batches on every rank.
 
-    Iterating yields ``{"image": (B, C, S, S), "label": (B,) (-1 on padding), "valid": (B,) bool, "key": [...]}``
-    (plus ``"labels"``: (B, K) multi-hot for multi-label data); batches are always full size, padded. Every
-    iteration is a fresh pass. ``bad_samples`` counts unreadable samples of the last pass (they are invalid).
+    Iterating yields :class:`~.protocol.EvalBatch` records: ``image`` (B, C, S, S), ``label`` (B,) (-1 on
+    padding), ``valid`` (B,) bool, ``key`` [...], plus ``labels`` (B, K) multi-hot for multi-label data (None, and
+    not ``in`` the batch, otherwise); batches are always full size, padded. Every iteration is a fresh pass.
+    ``bad_samples`` counts unreadable samples of the last pass (they are invalid).
     """
 
-    def __init__(self, *, ranges_by_rank: list[list[tuple[int, int]]], rank: int, addresses, make_fetch,
-                 workers: int, batch_size: int, transform: Callable, image_size: int, num_classes: int,
-                 multi_label: bool):
+    def __init__(self, *, ranges_by_rank: list[list[tuple[int, int]]], rank: int,
+                 addresses: Callable[[int, int], Iterator[Address]], make_fetch: Callable[[], Fetch], workers: int,
+                 batch_size: int, transform: Callable, image_size: int, num_classes: int, multi_label: bool):
         self.num_workers = max(0, workers)
         self.batch_size = batch_size
         self.image_size = image_size
@@ -731,7 +746,7 @@ class EvalLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[EvalBatch]:
         self.bad_samples = 0
         if self.num_workers == 0:
             it = _rngs_kept_per_item(iter(self._readers))
@@ -741,13 +756,11 @@ class EvalLoader:
                                  generator=_loader_generator("eval", self.image_size, self.batch_size)))
         produced = 0
         for rec in it:
-            self.bad_samples += rec.pop("__bad")
+            self.bad_samples += rec.report.bad
             produced += 1
-            yield rec
+            yield rec.batch
         for _ in range(self.num_batches - produced):
-            rec = self._readers.collate([])
-            del rec["__bad"]
-            yield rec
+            yield self._readers.collate([])
 
 
 def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int, rank: int = 0,
@@ -768,9 +781,9 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int
         src = HFSource.from_config(cfg, split)
         total = len(src)
 
-        addresses: Callable = _hf_addresses
+        addresses: Callable[[int, int], Iterator[Address]] = _hf_addresses
 
-        make_fetch: Callable = _Same(src)
+        make_fetch: Callable[[], Fetch] = _Same(src)
         k, multi, describe = src.num_classes, src.multi_label, f"{cfg.hf_dataset} [{split}]"
     else:
         root = cfg.val or (cfg.train[0] if cfg.train else None)

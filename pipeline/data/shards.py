@@ -1,10 +1,12 @@
 """Shard index and reader plans: info.json, shard URLs, per-epoch order, the rank / worker split, tar reading.
 
 Vocabulary. A *reader* is one (rank, worker) pair; ``slot = rank * workers + worker`` with ``workers >= 1`` (a
-loader without worker processes is one reader per rank). An *address* names one sample without reading it:
-``(dataset, instance, shard, member, occurrence)`` where ``instance`` counts the shards a reader has opened for that
-dataset (a shard may come back in a later pass), ``member`` is the sample's position inside its tar, and
-``occurrence`` separates repeats of a sample within an epoch (their augmentation differs).
+loader without worker processes is one reader per rank). An *address* (:class:`~.protocol.Address`) names one
+sample without reading it: ``(dataset, instance, shard, member, occurrence)`` where ``instance`` counts the shards a
+reader has opened for that dataset (a shard may come back in a later pass), ``member`` is the sample's position
+inside its tar, and ``occurrence`` separates repeats of a sample within an epoch (their augmentation differs).
+:class:`TrainPlan` and :class:`ShuffleStream` implement protocol.py's Plan and SampleStream, :class:`DatasetReaders`
+its Fetch.
 
 The key property: the sequence of addresses a reader delivers in an epoch is a pure function of (seed, epoch,
 world size, workers, slot) and of the per-shard sample counts in info.json, never of file contents. Shard
@@ -33,14 +35,14 @@ import numpy as np
 
 from shards.format import FORMAT, FORMAT_VERSION, INFO_NAME  # the writer's contract, defined once
 
+from .protocol import Address, Content, Fetch, Missing
+
 SUPPORTED_VERSIONS = (FORMAT_VERSION,)
 WRITE_HINT = "python -m shards write KIND SRC OUT"
 
-
-# (dataset, instance, shard, member, occurrence): instance counts the shards a reader opened for the dataset;
-# occurrence tells repeats of a sample within an epoch apart (the pass, or the draw when resampling), so a
-# repeated sample gets a fresh augmentation
-Address = tuple[int, int, int, int, int]
+# _address(Address, (d, i, s, m, o)) is Address(d, i, s, m, o) without the argument handling of its __new__: the
+# plan's hot loop (a resume replays every address a reader delivered), twice as fast
+_address = tuple.__new__
 
 
 class DataError(RuntimeError):
@@ -356,7 +358,7 @@ class TrainPlan:
             while True:
                 j = rng.randrange(ds.num_shards)
                 for m in range(ds.counts[j]):
-                    yield (d, instance, j, m, instance)  # every draw is a new occurrence
+                    yield _address(Address, (d, instance, j, m, instance))  # every draw is a new occurrence
                 instance += 1
         passno = 0
         while True:
@@ -364,11 +366,11 @@ class TrainPlan:
             for j in self.shard_split(epoch, d, passno)[rank][worker]:
                 if mask is None:
                     for m in range(ds.counts[j]):
-                        yield (d, instance, j, m, passno)
+                        yield _address(Address, (d, instance, j, m, passno))
                 else:
                     off = ds.offsets[j]
                     for m in np.flatnonzero(~mask[off: off + ds.counts[j]]).tolist():
-                        yield (d, instance, j, m, passno)
+                        yield _address(Address, (d, instance, j, m, passno))
                 instance += 1
             if not infinite:
                 return
@@ -405,10 +407,9 @@ class TrainPlan:
 
     def global_index(self, address: Address) -> tuple[int, int]:
         """(dataset, index of the sample within the dataset's split)."""
-        d, _, shard, member, _ = address
-        return d, self.datasets[d].offsets[shard] + member
+        return address.dataset, self.datasets[address.dataset].offsets[address.shard] + address.member
 
-    def stream(self, epoch: int, rank: int, worker: int, fetch=None) -> "ShuffleStream":
+    def stream(self, epoch: int, rank: int, worker: int, fetch: Optional[Fetch] = None) -> "ShuffleStream":
         slot = rank * self.workers + worker
         return ShuffleStream(self.addresses(epoch, rank, worker), self.shuffle_buffer,
                              random.Random(self._seed("shuffle", epoch, slot)), self.quota(epoch), fetch)
@@ -498,15 +499,6 @@ def split_member_name(name: str) -> tuple[str, str]:
     head, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
     return (head + "/" + stem if head else stem), ext
-
-
-@dataclass
-class Missing:
-    """A sample that could not be read: its address stays in the stream, the batch counts it as bad."""
-
-    key: str
-    url: str
-    reason: str
 
 
 class ShardReader:
@@ -621,9 +613,8 @@ class DatasetReaders:
     def __init__(self, datasets: Sequence[SplitIndex]):
         self.readers = [ShardReader(d) for d in datasets]
 
-    def __call__(self, address: Address):
-        d, instance, shard, member, _ = address
-        return self.readers[d].get(instance, shard, member)
+    def __call__(self, address: Address) -> Content:
+        return self.readers[address.dataset].get(address.instance, address.shard, address.member)
 
     @property
     def opened(self) -> int:
@@ -649,6 +640,6 @@ def eval_addresses(split: SplitIndex, start: int, stop: int) -> Iterator[Address
     while g < stop and j < split.num_shards:
         off, n = split.offsets[j], split.counts[j]
         for m in range(g - off, min(n, stop - off)):
-            yield (0, j, j, m, 0)
+            yield Address(0, j, j, m, 0)
         g = off + n
         j += 1
