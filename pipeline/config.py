@@ -5,22 +5,39 @@ A run is described by ``configs/base.yaml`` (every key with its default) layered
 frozen :class:`Config` of typed sections; each component receives only its own section
 (``build_loader(cfg.data, ...)``, ``create_model(**cfg.model ...)``), never the whole config.
 
-The schema is the dataclasses below (OmegaConf structured configs), so a misspelt key or a value of the
-wrong type is refused when the config is loaded, with the file or override that caused it.
+The schema is the dataclasses below (OmegaConf structured configs), so a misspelt key, a value of the wrong
+type or a value outside a closed choice (the ``Literal`` fields) is refused when the config is loaded, with the
+file or override that caused it. Each section then checks its own cross-field rules once, when it is built
+(``__post_init__`` -> ``validate()``; also for sections built in Python), and :class:`Config` the rules that span
+sections; a component trusts the section it receives. The model section's choices, defaults and checks are
+the model library's own (:mod:`pipeline.models`).
+
+``configs/base.yaml`` is generated from these dataclasses, their docstrings becoming its comments::
+
+    python -m pipeline.config --write-base
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import os
+import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Literal, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.models import DEFAULT_DROP_PATH_RATE, VARIANTS, GradCheckpointing, LayerOptions, ModelArgs, Padding
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
@@ -30,8 +47,60 @@ class ConfigError(ValueError):
     """A user error in a config file or override; the message names the key and the fix."""
 
 
+# Closed choices: the schema refuses any other value at load time (OmegaConf Literal fields), and the sections
+# refuse it when built in Python. The model's (Padding, GradCheckpointing) are the model library's.
+Preset = Literal["paper", "official"]
+OptimizerName = Literal["rmsprop_tf", "adamw", "lamb"]
+Schedule = Literal["cosine", "exp_staircase", "constant"]
+Precision = Literal["auto", "fp32", "bf16", "bf16_weights"]
+ZeroStage = Literal[0, 1, 2, 3]
+InitWeights = Literal["auto", "ema", "raw"]
+ExportWeights = Literal["ema", "raw"]
+
+
+def choices(section: type, name: str) -> tuple:
+    """The allowed values of a closed-choice field, e.g. ``choices(OptimConfig, "schedule")``."""
+    return typing.get_args(_field_types(section)[name])
+
+
+@functools.cache
+def _field_types(section: type) -> dict[str, Any]:
+    return typing.get_type_hints(section)
+
+
+def _require(cond: bool, key: str, msg: str):
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+class _Section:
+    """A config section: checks itself when built (OmegaConf builds it after merging; so does Python code)."""
+
+    KEY: ClassVar[str]
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """The section's own rules (the closed choices, then :meth:`_check`); raises ConfigError naming the key."""
+        for f in dataclasses.fields(self):
+            if typing.get_origin(_field_types(type(self))[f.name]) is Literal:
+                allowed, value = choices(type(self), f.name), getattr(self, f.name)
+                # by type too, like the schema: True is not the ZeRO stage 1
+                _require(any(type(value) is type(a) and value == a for a in allowed), f"{self.KEY}.{f.name}",
+                         f"{value!r} is not one of {' / '.join(map(str, allowed))}")
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
+    """The network: create_model()'s arguments. Defaults, choices and checks are the model library's."""
+
+    KEY: ClassVar[str] = "model"
+
     name: str = "efficientnetv2_s"
     """Registry name, e.g. efficientnetv2_s / _m / _l / _xl, efficientnetv2_b0.._b3, efficientnetv2_test."""
     num_classes: int = 0
@@ -39,27 +108,40 @@ class ModelConfig:
     drop_rate: Optional[float] = None
     """Dropout before the classifier; None uses the variant's default (S 0.2, M 0.3, L/XL 0.4).
     With progressive learning the stage table overrides it per stage."""
-    drop_path_rate: float = 0.2
+    drop_path_rate: float = DEFAULT_DROP_PATH_RATE
     """Stochastic depth: block i of N drops with probability drop_path_rate * i / N."""
-    bn_momentum: float = 0.1
+    bn_momentum: float = LayerOptions.bn_momentum
     """PyTorch BN momentum. 0.1 = the official code's Keras 0.9; the paper's 0.99 is 0.01."""
-    bn_eps: float = 1e-3
-    padding: str = "symmetric"
+    bn_eps: float = LayerOptions.bn_eps
+    """BN epsilon (official 1e-3; timm's non-tf efficientnetv2_* weights use 1e-5)."""
+    padding: Padding = LayerOptions.padding
     """'symmetric' (PyTorch padding) or 'same' (TF padding, needed to import tf_efficientnetv2_* weights)."""
     channels_last: bool = True
     """NHWC activations (the model converts its input; parameters keep the default layout, which DeepSpeed
-    needs): cuDNN / oneDNN then run NHWC convolution kernels, faster for convnets on GPU."""
-    grad_checkpointing: str = "none"
+    needs): cuDNN / oneDNN then run NHWC convolution kernels, faster for convnets on GPU. (create_model's own
+    default is False.)"""
+    grad_checkpointing: GradCheckpointing = "none"
     """Activation checkpointing: 'none', 'block' or 'stage'."""
     compile: bool = False
     """Wrap the model in torch.compile."""
 
+    def validate(self) -> None:
+        """create_model()'s own checks (pipeline.models.ModelArgs), without building the model."""
+        try:
+            ModelArgs(self.name, self.num_classes, self.drop_rate, self.drop_path_rate, **model_options(self))
+        except ValueError as e:  # "unknown model ..." or "<argument>=<value>: ..."
+            raise ConfigError(f"model.name: {e}" if self.name not in VARIANTS else f"model.{e}") from None
+
 
 @dataclass
-class ProgressiveConfig:
+class ProgressiveConfig(_Section):
+    """Progressive learning: image size and regularization grow stage by stage (paper section 4)."""
+
+    KEY: ClassVar[str] = "progressive"
+
     enabled: bool = True
     """False: one stage at max values (fixed image size and regularization)."""
-    preset: str = "paper"
+    preset: Preset = "paper"
     """'paper' (Table 6: linear from first to last stage, dropout scheduled) or 'official' (released code:
     sizes at (i+1)/M, fixed dropout, cutmix alongside mixup)."""
     num_stages: int = 4
@@ -83,9 +165,24 @@ class ProgressiveConfig:
     """Round stage image sizes down to this multiple (1 = the reference's int() truncation; 8 or 16 suit
     tensor cores)."""
 
+    def _check(self) -> None:
+        _require(self.num_stages >= 1, "progressive.num_stages", "must be at least 1")
+        _require(0 < self.min_image_size <= self.max_image_size, "progressive.min_image_size",
+                 f"must be positive and at most progressive.max_image_size ({self.max_image_size})")
+        _require(self.size_multiple >= 1, "progressive.size_multiple", "must be at least 1")
+        _require(not self.stage_micro_batch or len(self.stage_micro_batch) == self.num_stages,
+                 "progressive.stage_micro_batch", f"has {len(self.stage_micro_batch)} entries for "
+                 f"{self.num_stages} stages; give one per stage or none")
+        _require((self.min_drop_path is None) == (self.max_drop_path is None), "progressive.min_drop_path",
+                 "set both min_drop_path and max_drop_path, or neither")
+
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    """Training and validation data, decoding and augmentation."""
+
+    KEY: ClassVar[str] = "data"
+
     train: list[str] = field(default_factory=list)
     """Training datasets: shard folders written by `python -m shards write` (each with info.json)."""
     train_weights: list[float] = field(default_factory=list)
@@ -123,10 +220,22 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     """Stop with an error when more than this fraction of samples fail to decode."""
 
+    def _check(self) -> None:
+        _require(len(self.mean) == 3 and len(self.std) == 3, "data.mean", "mean and std need 3 values (RGB)")
+        _require(len(self.crop_area) == 2 and 0 < self.crop_area[0] <= self.crop_area[1] <= 1, "data.crop_area",
+                 "needs [min, max] with 0 < min <= max <= 1")
+        _require(not self.train_weights or len(self.train_weights) == len(self.train), "data.train_weights",
+                 f"has {len(self.train_weights)} weights for {len(self.train)} datasets")
+        _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be within [0, 1]")
+
 
 @dataclass
-class OptimConfig:
-    name: str = "rmsprop_tf"
+class OptimConfig(_Section):
+    """Optimizer, learning-rate schedule, weight decay and clipping."""
+
+    KEY: ClassVar[str] = "optim"
+
+    name: OptimizerName = "rmsprop_tf"
     """'rmsprop_tf' (TF semantics, the paper), 'adamw' or 'lamb'."""
     lr_per_256: float = 0.016
     """Peak learning rate per 256 images; the used lr is lr_per_256 * global_batch / 256."""
@@ -138,7 +247,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     """Epsilon of AdamW / LAMB (optim.eps is RMSProp's, whose 1e-3 sits inside the square root)."""
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     """'cosine', 'exp_staircase' (x decay_rate every decay_epochs) or 'constant' (after warmup)."""
     warmup_steps: int = 0
     warmup_epochs: float = 0.0
@@ -149,18 +258,37 @@ class OptimConfig:
     clip_grad_norm: float = 0.0
     """0 disables gradient clipping."""
 
+    def _check(self) -> None:
+        _require(len(self.betas) == 2, "optim.betas", f"needs two values [beta1, beta2], got {list(self.betas)}")
+        _require(self.warmup_steps >= 0 and self.warmup_epochs >= 0, "optim.warmup_steps / optim.warmup_epochs",
+                 "must not be negative")
+        _require(self.clip_grad_norm >= 0, "optim.clip_grad_norm", f"must be >= 0 (0 disables), got "
+                 f"{self.clip_grad_norm}")
+
 
 @dataclass
-class EMAConfig:
+class EMAConfig(_Section):
+    """Exponential moving average of the weights (evaluated and exported alongside the raw weights)."""
+
+    KEY: ClassVar[str] = "ema"
+
     enabled: bool = True
     decay: float = 0.9999
     tf_warmup: bool = True
     """Decay min(decay, (1 + t) / (10 + t)) as in the TF code."""
     every: int = 1
+    """Update the EMA every this many optimizer steps."""
+
+    def _check(self) -> None:
+        _require(0 <= self.decay < 1, "ema.decay", "must be within [0, 1)")
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Section):
+    """Checkpoints, resume and preemption (SLURM)."""
+
+    KEY: ClassVar[str] = "checkpoint"
+
     every_steps: int = 1000
     keep_last: int = 3
     resume: str = "auto"
@@ -173,7 +301,11 @@ class CheckpointConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Section):
+    """Evaluation on the validation split."""
+
+    KEY: ClassVar[str] = "eval"
+
     every_steps: int = 5000
     at_stage_size: bool = False
     """Evaluate at the current stage's image size instead of data.eval_image_size."""
@@ -184,7 +316,11 @@ class EvalConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
+    """The run: its folder, length, batch sizes, precision and DeepSpeed ZeRO stage."""
+
+    KEY: ClassVar[str] = "train"
+
     run_dir: str = "runs/default"
     total_steps: int = 0
     """Optimizer steps; 0 means epochs * (train samples / global batch)."""
@@ -193,9 +329,10 @@ class TrainConfig:
     micro_batch_size: int = 32
     """Per-rank micro-batch size (stages may override it; accumulation adjusts to keep the global batch)."""
     seed: int = 0
-    precision: str = "auto"
+    precision: Precision = "auto"
     """'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32', 'bf16' (autocast, fp32 weights / BN), 'bf16_weights'."""
-    zero_stage: int = 2
+    zero_stage: ZeroStage = 2
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     label_smoothing: float = 0.0
     log_every: int = 20
     collective_timeout_s: int = 1800
@@ -205,21 +342,31 @@ class TrainConfig:
     image_grid: bool = True
     """Log a grid of augmented training images at the start of each stage."""
 
+    def _check(self) -> None:
+        _require(self.global_batch_size > 0 and self.micro_batch_size > 0, "train.global_batch_size",
+                 "global and micro batch sizes must be positive")
+
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(_Section):
+    """Fine-tuning (python -m pipeline.finetune) only."""
+
+    KEY: ClassVar[str] = "finetune"
+
     head_seed: bool = True
     """Seed the new classifier's rows from the pretrained head where the class wnids agree (21k -> 1k);
     False: a freshly initialised classifier."""
-    init_weights: str = "auto"
+    init_weights: InitWeights = "auto"
     """Weights of a DeepSpeed checkpoint or timm file to start from: 'auto' (EMA when present, else raw),
     'ema' or 'raw'. An export folder holds one set: the one it was exported with."""
-    export_weights: str = "ema"
+    export_weights: ExportWeights = "ema"
     """Weights written to RUN_DIR/export at the end: 'ema' (raw when ema.enabled is false) or 'raw'."""
 
 
 @dataclass
 class Config:
+    """A whole run: the sections, the fine-tuning init and the DeepSpeed pass-through."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -234,6 +381,42 @@ class Config:
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Passed through into the generated DeepSpeed config (offload, ZeRO++ ...); may not set batch sizes,
     precision or clipping, which come from the sections above."""
+
+    def __post_init__(self):
+        self._check()
+
+    def _check(self) -> None:
+        """The rules that span sections (each section has checked its own when it was built)."""
+        check_deepspeed_passthrough(self.deepspeed, self.train.zero_stage)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config)
+                 if isinstance(f.default_factory, type) and issubclass(f.default_factory, _Section))
+"""The section keys: model, progressive, data, optim, ema, checkpoint, eval, train, finetune."""
+
+DEEPSPEED_RESERVED = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / train.micro_batch_size",
+    "gradient_clipping": "optim.clip_grad_norm",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "optimizer": "optim.*",
+    "scheduler": "optim.schedule",
+}
+"""DeepSpeed keys that the ``deepspeed:`` pass-through may not set, and the key that sets each."""
+
+
+def check_deepspeed_passthrough(passthrough: dict, zero_stage: int) -> None:
+    """The ``deepspeed:`` pass-through against the sections: no key that a section sets, and no ZeRO stage other
+    than train.zero_stage."""
+    clash = sorted(set(passthrough) & set(DEEPSPEED_RESERVED))
+    if clash:
+        raise ConfigError("deepspeed: " + "; ".join(f"'{k}' comes from {DEEPSPEED_RESERVED[k]}" for k in clash)
+                          + " (one source of truth); remove it from the deepspeed: section")
+    stage = (passthrough.get("zero_optimization") or {}).get("stage", zero_stage)
+    _require(stage == zero_stage, f"deepspeed.zero_optimization.stage={stage}",
+             f"disagrees with train.zero_stage={zero_stage}; set train.zero_stage only")
 
 
 def _schema():
@@ -279,51 +462,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         except OmegaConfBaseException as e:
             raise ConfigError(f"override '{item}': {_short(e)}") from None
         cfg = _merge(cfg, delta, f"override '{item}'")
-    obj: Config = OmegaConf.to_object(cfg)
-    validate(obj)
-    return obj
-
-
-def _require(cond: bool, key: str, msg: str):
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
+    return OmegaConf.to_object(cfg)  # builds the sections and the Config: each checks itself once
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks with fix-it messages (type checks are the schema's job)."""
-    m, p, d, o, t = cfg.model, cfg.progressive, cfg.data, cfg.optim, cfg.train
-    _require(m.padding in ("symmetric", "same"), "model.padding", f"'{m.padding}' is not 'symmetric' or 'same'")
-    _require(m.grad_checkpointing in ("none", "block", "stage"), "model.grad_checkpointing",
-             f"'{m.grad_checkpointing}' is not one of none / block / stage")
-    _require(p.preset in ("paper", "official"), "progressive.preset", f"'{p.preset}' is not 'paper' or 'official'")
-    _require(p.num_stages >= 1, "progressive.num_stages", "must be at least 1")
-    _require(0 < p.min_image_size <= p.max_image_size, "progressive.min_image_size",
-             f"must be positive and at most progressive.max_image_size ({p.max_image_size})")
-    _require(p.size_multiple >= 1, "progressive.size_multiple", "must be at least 1")
-    _require(not p.stage_micro_batch or len(p.stage_micro_batch) == p.num_stages, "progressive.stage_micro_batch",
-             f"has {len(p.stage_micro_batch)} entries for {p.num_stages} stages; give one per stage or none")
-    _require((p.min_drop_path is None) == (p.max_drop_path is None), "progressive.min_drop_path",
-             "set both min_drop_path and max_drop_path, or neither")
-    _require(len(d.mean) == 3 and len(d.std) == 3, "data.mean", "mean and std need 3 values (RGB)")
-    _require(len(d.crop_area) == 2 and 0 < d.crop_area[0] <= d.crop_area[1] <= 1, "data.crop_area",
-             "needs [min, max] with 0 < min <= max <= 1")
-    _require(not d.train_weights or len(d.train_weights) == len(d.train), "data.train_weights",
-             f"has {len(d.train_weights)} weights for {len(d.train)} datasets")
-    _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "must be within [0, 1]")
-    _require(o.name in ("rmsprop_tf", "adamw", "lamb"), "optim.name", f"'{o.name}' is not rmsprop_tf / adamw / lamb")
-    _require(o.schedule in ("cosine", "exp_staircase", "constant"), "optim.schedule",
-             f"'{o.schedule}' is not cosine / exp_staircase / constant")
-    _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} is not 0, 1, 2 or 3")
-    _require(t.precision in ("auto", "fp32", "bf16", "bf16_weights"), "train.precision",
-             f"'{t.precision}' is not auto / fp32 / bf16 / bf16_weights")
-    _require(t.global_batch_size > 0 and t.micro_batch_size > 0, "train.global_batch_size",
-             "global and micro batch sizes must be positive")
-    _require(0 <= cfg.ema.decay < 1, "ema.decay", "must be within [0, 1)")
-    reserved = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler"}
-    clash = sorted(reserved & set(cfg.deepspeed))
-    _require(not clash, "deepspeed", f"{clash} come from the train / optim sections (one source of truth); "
-             "set train.global_batch_size, train.micro_batch_size, train.precision or optim.* instead")
+    """Check a Config again, e.g. one changed after it was built: every section's rules, then those that span
+    sections. (load_config and the dataclasses' constructors already run the same checks.)"""
+    for name in SECTIONS:
+        getattr(cfg, name).validate()
+    cfg._check()
 
 
 def to_dict(cfg: Config) -> dict:
@@ -392,3 +539,79 @@ def check_resume_compatible(saved: dict, cfg: Config) -> None:
     changed = settings_diff(saved, frozen_settings(cfg))
     if changed:
         raise resume_refusal(changed)
+
+
+# ---- configs/base.yaml: generated from the dataclasses above -----------------------------------------------
+
+BASE_HEADER = """\
+# Every key with its default. Run files (configs/pretrain/*.yaml, ...) change only what differs.
+# Generated from the dataclasses in pipeline/config.py (their docstrings are the comments here): edit those,
+# then run `python -m pipeline.config --write-base`. tests/test_config.py fails while this file differs.
+"""
+
+
+def _docstrings() -> dict[str, dict[str, str]]:
+    """``{class name: {"": class docstring, field: field docstring}}``, read from this file's source: a field's
+    docstring is the string literal right after it (not kept at run time)."""
+    docs: dict[str, dict[str, str]] = {}
+    for node in ast.parse(Path(__file__).read_text()).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        entry = {"": ast.get_docstring(node) or ""}
+        for stmt, after in zip(node.body, node.body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                entry[stmt.target.id] = inspect.cleandoc(after.value.value)
+        docs[node.name] = entry
+    return docs
+
+
+def _yaml_entry(key: str, value: Any, doc: str, indent: str) -> list[str]:
+    comment = [f"{indent}# {line}".rstrip() for line in doc.splitlines()]
+    flow = None if isinstance(value, (list, dict)) else False  # lists on one line: [0.5, 0.5, 0.5]
+    text = yaml.safe_dump({key: value}, default_flow_style=flow, width=1000).rstrip("\n")
+    return comment + [indent + line for line in text.splitlines()]
+
+
+def base_yaml() -> str:
+    """The text of ``configs/base.yaml``: every key of :class:`Config` with its default, commented with its
+    docstring; sections in the dataclasses' order, a blank line between them."""
+    docs, defaults = _docstrings(), Config()
+    blocks = []
+    for f in dataclasses.fields(Config):
+        value = getattr(defaults, f.name)
+        if f.name in SECTIONS:
+            cls = type(value).__name__
+            lines = [f"# {line}".rstrip() for line in docs[cls][""].splitlines()] + [f"{f.name}:"]
+            for g in dataclasses.fields(value):
+                lines += _yaml_entry(g.name, getattr(value, g.name), docs[cls].get(g.name, ""), "  ")
+        else:
+            lines = _yaml_entry(f.name, value, docs["Config"].get(f.name, ""), "")
+        blocks.append("\n".join(lines) + "\n")
+    return BASE_HEADER + "\n" + "\n".join(blocks)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.config", description="configs/base.yaml, generated "
+                                     "from the dataclasses of pipeline/config.py")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write-base", action="store_true", help=f"(re)write {BASE_CONFIG}")
+    group.add_argument("--check-base", action="store_true", help="exit 1 when base.yaml differs from the dataclasses")
+    group.add_argument("--print-base", action="store_true", help="print the generated text")
+    args = parser.parse_args(argv)
+    text = base_yaml()
+    if args.print_base:
+        sys.stdout.write(text)
+    elif args.write_base:
+        BASE_CONFIG.write_text(text)
+        print(f"wrote {BASE_CONFIG}")
+    elif BASE_CONFIG.read_text() != text:
+        print(f"{BASE_CONFIG} differs from the dataclasses in {__file__}; run python -m pipeline.config "
+              "--write-base", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, OptimConfig
+from pipeline.config import ConfigError, OptimConfig, choices
 
 __all__ = [
     "Lamb", "RMSpropTF", "build_optimizer", "lr_at", "lr_schedule", "param_groups", "peak_lr", "set_lr",
@@ -75,8 +75,9 @@ class RMSpropTF(torch.optim.Optimizer):
         p   <- p - mom
 
     torch.optim.RMSprop differs in all three marked places: with ms starting at 0 its first step is about
-    lr * sqrt(1 / (1 - alpha)) per element whatever the gradient, TF's lr * g / sqrt(alpha + eps) for small g. ``lr_in_momentum=False`` gives ``mom <- momentum * mom + g / sqrt(...)``,
-    ``p <- p - lr * mom`` (identical at constant lr; different when the lr changes).
+    lr * sqrt(1 / (1 - alpha)) per element whatever the gradient, TF's lr * g / sqrt(alpha + eps) for small g.
+    ``lr_in_momentum=False`` gives ``mom <- momentum * mom + g / sqrt(...)``, ``p <- p - lr * mom`` (identical
+    at constant lr; different when the lr changes).
     """
 
     def __init__(self, params, lr: float = 0.016, alpha: float = 0.9, eps: float = 1e-3, momentum: float = 0.9,
@@ -207,22 +208,20 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch_size: int) 
     """The configured optimizer over :func:`param_groups`, every group starting at the peak lr.
 
     'rmsprop_tf' uses optim.rmsprop_decay / momentum / eps; 'adamw' and 'lamb' use optim.betas and
-    optim.adam_eps. The trainer overwrites the lr each step (:func:`set_lr`).
+    optim.adam_eps. The trainer overwrites the lr each step (:func:`set_lr`). The section has checked its
+    values (name, betas) when it was built.
     """
     lr = peak_lr(cfg, global_batch_size)
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ConfigError("model: no trainable parameters to optimize (all requires_grad=False?)")
-    if len(cfg.betas) != 2:
-        raise ConfigError(f"optim.betas: needs two values [beta1, beta2], got {list(cfg.betas)}")
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     if cfg.name == "rmsprop_tf":
         return RMSpropTF(groups, lr=lr, alpha=cfg.rmsprop_decay, eps=cfg.eps, momentum=cfg.momentum)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.adam_eps)
-    if cfg.name == "lamb":
-        return Lamb(groups, lr=lr, betas=betas, eps=cfg.adam_eps)
-    raise ConfigError(f"optim.name: '{cfg.name}' is not rmsprop_tf / adamw / lamb")
+    assert cfg.name == "lamb", cfg.name  # OptimizerName has no other value
+    return Lamb(groups, lr=lr, betas=betas, eps=cfg.adam_eps)
 
 
 def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int,
@@ -260,13 +259,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # learning-rate schedules
 
-SCHEDULES = ("cosine", "exp_staircase", "constant")
+SCHEDULES: tuple[str, ...] = choices(OptimConfig, "schedule")
 
 
 def warmup_steps_from(cfg: OptimConfig, steps_per_epoch: float) -> int:
     """optim.warmup_steps if set, else int(optim.warmup_epochs x steps per epoch) as the official code does."""
-    if cfg.warmup_steps < 0 or cfg.warmup_epochs < 0:
-        raise ConfigError("optim.warmup_steps / optim.warmup_epochs: must not be negative")
     if cfg.warmup_steps > 0:
         return int(cfg.warmup_steps)
     if cfg.warmup_epochs > 0 and steps_per_epoch <= 0:

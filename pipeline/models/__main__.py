@@ -8,10 +8,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from .blocks import PADDINGS, LayerOptions, Padding
 from .efficientnetv2 import count_gmacs, count_params, create_model, get_variant, list_models
 
 
-def summarize(name: str, image_size: Optional[int] = None, num_classes: int = 1000, padding: str = "symmetric"):
+def summarize(name: str, image_size: Optional[int] = None, num_classes: int = 1000,
+              padding: Padding = LayerOptions.padding):
     """Parameters and GMACs of a registered model. Built on the meta device: no memory, no compute, so even
     XL at 512 px takes a fraction of a second."""
     variant = get_variant(name)
@@ -55,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("name", help=f"one of: {', '.join(list_models())}")
     p.add_argument("--image-size", type=int, default=None, help="square input side (default: the eval size)")
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--padding", choices=("symmetric", "same"), default="symmetric")
+    p.add_argument("--padding", choices=PADDINGS, default=LayerOptions.padding)
     sub.add_parser("list", help="registered model names")
     args = parser.parse_args(argv)
 

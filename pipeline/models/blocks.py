@@ -8,24 +8,44 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-PADDINGS = ("symmetric", "same")
+Padding = Literal["symmetric", "same"]
+PADDINGS: tuple[str, ...] = get_args(Padding)
 
 
 @dataclass(frozen=True)
 class LayerOptions:
-    """Settings shared by every conv / BN layer of a model."""
+    """Settings shared by every conv / BN layer of a model. The defaults are the model's (create_model's and the
+    run config's ``model`` section's); the values are checked here, once, for every way a model is built."""
 
-    padding: str = "symmetric"
+    padding: Padding = "symmetric"
     """'symmetric': PyTorch padding k // 2. 'same': TensorFlow SAME padding (asymmetric for stride 2 on even
     sizes), which the weights trained with the official TF code expect."""
     bn_eps: float = 1e-3
     bn_momentum: float = 0.1
     """PyTorch convention: new = (1 - m) * running + m * batch. Keras' 0.9 is 0.1 here, the paper's 0.99 is 0.01."""
+
+    def __post_init__(self):
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding={self.padding!r}: expected one of {PADDINGS} ('same' = TensorFlow SAME "
+                             f"padding, for weights of timm's tf_efficientnetv2_*)")
+        if not _is_number(self.bn_eps) or not self.bn_eps > 0:
+            raise ValueError(f"bn_eps={self.bn_eps!r}: expected a float > 0 (official 1e-3; timm's "
+                             f"non-tf efficientnetv2_* use 1e-5)")
+        if not _is_number(self.bn_momentum) or not 0 < self.bn_momentum <= 1:
+            raise ValueError(f"bn_momentum={self.bn_momentum!r}: expected 0 < momentum <= 1 in PyTorch convention "
+                             f"(0.1 = the official Keras 0.9, 0.01 = the paper's 0.99)")
+        object.__setattr__(self, "bn_eps", float(self.bn_eps))
+        object.__setattr__(self, "bn_momentum", float(self.bn_momentum))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class SameConv2d(nn.Conv2d):
@@ -46,10 +66,9 @@ def _same_pad(size: int, kernel: int, stride: int) -> int:
 
 
 def make_conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False,
-              padding: str = "symmetric") -> nn.Conv2d:
-    """A conv with the requested padding; 'same' padding of an odd kernel at stride 1 is static (k // 2)."""
-    if padding not in PADDINGS:
-        raise ValueError(f"padding={padding!r}: expected one of {PADDINGS}")
+              padding: Padding = "symmetric") -> nn.Conv2d:
+    """A conv with the requested padding (checked by :class:`LayerOptions`); 'same' padding of an odd kernel at
+    stride 1 is static (k // 2)."""
     if padding == "same" and stride > 1:
         return SameConv2d(in_ch, out_ch, kernel, stride, padding=0, groups=groups, bias=bias)
     return nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2, groups=groups, bias=bias)

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union, get_args
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import PADDINGS, ConvBnAct, LayerOptions
+from .blocks import ConvBnAct, LayerOptions
 from .builder import VARIANTS, ArchSpec, VariantSpec, build_stages
 
-CHECKPOINT_GRANULARITIES = ("block", "stage")
+Granularity = Literal["block", "stage"]
+CHECKPOINT_GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+GradCheckpointing = Literal["none", Granularity]
+"""The checkpointing choices as the run config names them ('none', 'block', 'stage'); create_model also takes
+False / None (off) and True ('block')."""
+DEFAULT_DROP_PATH_RATE = 0.2
+"""Stochastic depth of the deepest block, the official value for every variant (dropout is per variant)."""
 
 
 class EfficientNetV2(nn.Module):
@@ -24,7 +31,7 @@ class EfficientNetV2(nn.Module):
     """
 
     def __init__(self, arch: ArchSpec, num_classes: int = 1000, drop_rate: float = 0.2,
-                 drop_path_rate: float = 0.2, in_chans: int = 3, opts: LayerOptions = LayerOptions(),
+                 drop_path_rate: float = DEFAULT_DROP_PATH_RATE, in_chans: int = 3, opts: LayerOptions = LayerOptions(),
                  channels_last: bool = False):
         super().__init__()
         self.arch = arch
@@ -101,12 +108,10 @@ class EfficientNetV2(nn.Module):
                 block.drop_path.p = float(drop_path) * i / len(blocks)
             self.drop_path_rate = float(drop_path)
 
-    def set_grad_checkpointing(self, enable: bool = True, granularity: str = "block") -> None:
+    def set_grad_checkpointing(self, enable: bool = True, granularity: Granularity = "block") -> None:
         """Recompute activations in the backward pass: per block (least memory) or per stage (fewer
         boundaries, more memory). Only takes effect while gradients are enabled."""
-        if granularity not in CHECKPOINT_GRANULARITIES:
-            raise ValueError(f"grad checkpointing granularity {granularity!r}: expected one of "
-                             f"{CHECKPOINT_GRANULARITIES}")
+        granularity = _checkpoint_granularity(granularity, "granularity")
         self.grad_checkpointing = granularity if enable else None
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -178,9 +183,7 @@ def _bn_stats_frozen_on_recompute(module: nn.Module):
 # ---- registry ---------------------------------------------------------------------------------------------
 
 OPTION_DEFAULTS: dict[str, Any] = {
-    "bn_eps": 1e-3,
-    "bn_momentum": 0.1,
-    "padding": "symmetric",
+    **dataclasses.asdict(LayerOptions()),  # padding, bn_eps, bn_momentum
     "channels_last": False,
     "grad_checkpointing": False,
     "in_chans": 3,
@@ -198,8 +201,36 @@ def get_variant(name: str) -> VariantSpec:
     return VARIANTS[name]
 
 
+class ModelArgs:
+    """create_model()'s arguments, checked and completed: the variant, its dropout where none was given, every
+    option with its default, the layer options, and the checkpointing granularity (None: off)."""
+
+    def __init__(self, name: str, num_classes: int = 1000, drop_rate: Optional[float] = None,
+                 drop_path_rate: float = DEFAULT_DROP_PATH_RATE, **options: Any):
+        self.variant = get_variant(name)
+        unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+        if unknown:
+            raise ValueError(f"create_model({name!r}): unknown option(s) {unknown}; known options: "
+                             f"{sorted(OPTION_DEFAULTS)}")
+        opt = dict(OPTION_DEFAULTS, **options)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes={num_classes!r}: expected an int >= 0 (0 = no classifier)")
+        drop_rate = self.variant.drop_rate if drop_rate is None else drop_rate
+        _check_rate("drop_rate", drop_rate)
+        _check_rate("drop_path_rate", drop_path_rate)
+        self.layers = LayerOptions(padding=opt["padding"], bn_eps=opt["bn_eps"], bn_momentum=opt["bn_momentum"])
+        if not isinstance(opt["channels_last"], bool):
+            raise ValueError(f"channels_last={opt['channels_last']!r}: expected True or False")
+        if isinstance(opt["in_chans"], bool) or not isinstance(opt["in_chans"], int) or opt["in_chans"] < 1:
+            raise ValueError(f"in_chans={opt['in_chans']!r}: expected an int >= 1")
+        self.granularity = _checkpoint_granularity(opt["grad_checkpointing"], "grad_checkpointing")
+        self.name, self.num_classes = name, num_classes
+        self.drop_rate, self.drop_path_rate = float(drop_rate), float(drop_path_rate)
+        self.channels_last, self.in_chans = opt["channels_last"], opt["in_chans"]
+
+
 def create_model(name: str, num_classes: int = 1000, drop_rate: Optional[float] = None,
-                 drop_path_rate: float = 0.2, **options: Any) -> EfficientNetV2:
+                 drop_path_rate: float = DEFAULT_DROP_PATH_RATE, **options: Any) -> EfficientNetV2:
     """Build a registered EfficientNetV2.
 
     Args:
@@ -211,53 +242,28 @@ def create_model(name: str, num_classes: int = 1000, drop_rate: Optional[float] 
             ``padding`` ('symmetric' or TF 'same'), ``channels_last`` (False: NHWC activations, the input is
             converted in forward; parameters always keep the default contiguous layout), ``grad_checkpointing``
             (False / 'none', True / 'block', 'stage'), ``in_chans`` (3).
-    """
-    variant = get_variant(name)
-    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
-    if unknown:
-        raise ValueError(f"create_model({name!r}): unknown option(s) {unknown}; known options: "
-                         f"{sorted(OPTION_DEFAULTS)}")
-    opt = dict(OPTION_DEFAULTS, **options)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes={num_classes!r}: expected an int >= 0 (0 = no classifier)")
-    if drop_rate is None:
-        drop_rate = variant.drop_rate
-    _check_rate("drop_rate", drop_rate)
-    _check_rate("drop_path_rate", drop_path_rate)
-    if not isinstance(opt["bn_eps"], (int, float)) or not opt["bn_eps"] > 0:
-        raise ValueError(f"bn_eps={opt['bn_eps']!r}: expected a float > 0 (official 1e-3; timm's "
-                         f"non-tf efficientnetv2_* use 1e-5)")
-    if not isinstance(opt["bn_momentum"], (int, float)) or not 0 < opt["bn_momentum"] <= 1:
-        raise ValueError(f"bn_momentum={opt['bn_momentum']!r}: expected 0 < momentum <= 1 in PyTorch convention "
-                         f"(0.1 = the official Keras 0.9, 0.01 = the paper's 0.99)")
-    if opt["padding"] not in PADDINGS:
-        raise ValueError(f"padding={opt['padding']!r}: expected one of {PADDINGS} ('same' = TensorFlow SAME "
-                         f"padding, for weights of timm's tf_efficientnetv2_*)")
-    if not isinstance(opt["channels_last"], bool):
-        raise ValueError(f"channels_last={opt['channels_last']!r}: expected True or False")
-    if not isinstance(opt["in_chans"], int) or opt["in_chans"] < 1:
-        raise ValueError(f"in_chans={opt['in_chans']!r}: expected an int >= 1")
-    granularity = _checkpoint_granularity(opt["grad_checkpointing"])
 
-    model = EfficientNetV2(
-        variant.arch, num_classes=num_classes, drop_rate=float(drop_rate), drop_path_rate=float(drop_path_rate),
-        in_chans=opt["in_chans"],
-        opts=LayerOptions(padding=opt["padding"], bn_eps=float(opt["bn_eps"]), bn_momentum=float(opt["bn_momentum"])),
-        channels_last=opt["channels_last"])
-    if granularity:
-        model.set_grad_checkpointing(True, granularity)
+    Every argument is checked by :class:`ModelArgs` (a ValueError names the argument); the run config's
+    ``model`` section is checked by the same code when it is loaded.
+    """
+    args = ModelArgs(name, num_classes, drop_rate, drop_path_rate, **options)
+    variant = args.variant
+    model = EfficientNetV2(variant.arch, num_classes=num_classes, drop_rate=args.drop_rate,
+                           drop_path_rate=args.drop_path_rate, in_chans=args.in_chans, opts=args.layers,
+                           channels_last=args.channels_last)
+    model.grad_checkpointing = args.granularity
     model.pretrained_cfg = {
         "architecture": name,
         "num_classes": num_classes,
         "train_size": variant.train_size,
         "eval_size": variant.eval_size,
-        "input_size": (opt["in_chans"], variant.train_size, variant.train_size),
-        "test_input_size": (opt["in_chans"], variant.eval_size, variant.eval_size),
+        "input_size": (args.in_chans, variant.train_size, variant.train_size),
+        "test_input_size": (args.in_chans, variant.eval_size, variant.eval_size),
         "drop_rate": variant.drop_rate,
-        "drop_path_rate": 0.2,
-        "padding": opt["padding"],
-        "bn_eps": float(opt["bn_eps"]),
-        "bn_momentum": float(opt["bn_momentum"]),
+        "drop_path_rate": DEFAULT_DROP_PATH_RATE,
+        "padding": args.layers.padding,
+        "bn_eps": args.layers.bn_eps,
+        "bn_momentum": args.layers.bn_momentum,
         "num_features": model.num_features,
     }
     return model
@@ -268,14 +274,14 @@ def _check_rate(key: str, value: Any) -> None:
         raise ValueError(f"{key}={value!r}: expected a probability 0 <= p < 1")
 
 
-def _checkpoint_granularity(value: Union[bool, str, None]) -> Optional[str]:
+def _checkpoint_granularity(value: Union[bool, str, None], key: str) -> Optional[str]:
     if value in (False, None, "none"):
         return None
     if value is True:
         return "block"
     if value in CHECKPOINT_GRANULARITIES:
         return value
-    raise ValueError(f"grad_checkpointing={value!r}: expected False / 'none', True / 'block', or 'stage'")
+    raise ValueError(f"{key}={value!r}: expected False / 'none', True / 'block', or 'stage'")
 
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
@@ -318,4 +324,4 @@ def count_gmacs(model: nn.Module, image_size: int, in_chans: int = 3) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
-__all__ = ["EfficientNetV2", "create_model", "list_models", "get_variant", "count_params", "count_gmacs"]
+__all__ = ["EfficientNetV2", "ModelArgs", "count_gmacs", "count_params", "create_model", "get_variant", "list_models"]
