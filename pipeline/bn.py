@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from pipeline import distributed
 from pipeline.config import ConfigError
 
 __all__ = ["average_bn_stats", "averaged_bn_stats", "bn_stat_tensors", "bn_stats_state", "convert_sync_bn",
@@ -44,7 +45,7 @@ def average_bn_stats(model: nn.Module, group: Optional[dist.ProcessGroup] = None
     on every rank: every rank takes the same number of steps). One all-reduce per dtype. Returns the number
     of tensors averaged; a no-op (returns 0) without an initialised process group or with one rank.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed.is_initialized():
         return 0
     stats = bn_stat_tensors(model)
     if dist.get_world_size(group) == 1 or not stats:
@@ -93,7 +94,7 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group: Optional[dist.ProcessGr
         by_kind.setdefault((t.dtype, t.device), []).append(t)
     for same in by_kind.values():
         flat = torch.cat([t.reshape(-1).float() for t in same])
-        dist.all_reduce(flat, group=group)
+        distributed.all_reduce_(flat, group)
         flat.div_(world)
         offset = 0
         for t in same:
@@ -107,7 +108,7 @@ def convert_sync_bn(model: nn.Module, *, device_type: str, group: Optional[dist.
     Call before the engine / optimizer are built. torch's SyncBatchNorm has no CPU kernel: with more than
     one rank on CPU it would fail at the first training forward, so that case is refused here.
     """
-    if device_type == "cpu" and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if device_type == "cpu" and distributed.is_initialized() and dist.get_world_size(group) > 1:
         raise ConfigError("train.sync_bn=true needs GPUs: torch's SyncBatchNorm has no CPU implementation. Set "
                           "train.sync_bn=false (BN statistics are then averaged across ranks before eval and save)")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)

@@ -1,37 +1,25 @@
-"""Step checkpoints that count only when complete, keep-last-k, auto-resume, RNG state, and preemption on SLURM.
+"""Step checkpoints that count only when complete, keep-last-k, auto-resume, and the state parts they hold.
 
 Layout of a run::
 
     RUN_DIR/checkpoints/step-00000500/      one folder per checkpoint (zero-padded: names sort by step)
-        <files of the caller's save function> (DeepSpeed save_checkpoint(RUN_DIR/checkpoints, "step-00000500"))
-        rank-00000.pt, rank-00001.pt ...    per-rank state: RNG states, loader position, sharded EMA ...
+        <files of the backend's save>       (DeepSpeed save_checkpoint / accelerate save_state into this folder)
+        rank-00000.pt, rank-00001.pt ...    per rank: RNG states and the registered parts (loader position, EMA ...)
         COMPLETE.json                       written LAST by rank 0, after every rank has finished
 
 A folder without ``COMPLETE.json`` is an interrupted save: it is never resumed from and is cleaned up by a
-later save. This module is framework-agnostic: the model / optimizer state is written by a callable the
-trainer passes in (``engine.save``); collectives default to ``torch.distributed`` when it is initialised.
+later save. This module knows nothing of the backend: its files are written and read by callables the trainer
+passes in. Everything else a resume needs is a registered part with ``state_dict`` / ``load_state_dict``::
 
-Typical use in the trainer::
-
-    preempt = PreemptionHandler.from_config(cfg.checkpoint, rank=rank)   # first: a signal during start-up
     ckpt = CheckpointManager(cfg.checkpoint, run_dir, rank=rank, world_size=world, settings=frozen_settings(cfg))
+    ckpt.register("trainer", counters, scope="main")
+    ckpt.register("loader", loader)
     point = ckpt.resolve_resume()                       # None: start from scratch
     if point is not None:
-        log.info(point.message)
-        if point.needs_universal:                       # saved on a different number of ranks
-            convert_to_universal(point.directory, point.tag, point.universal_path)
-            engine.load(point.universal_path.parent, point.universal_path.name)
-        else:
-            engine.load(point.directory, point.tag)
-        state = ckpt.load_rank_state(point)             # restores this rank's RNG; None after a world change
-    for step in range(start, total):
-        ...one optimizer step...
-        stop = preempt.should_stop()
-        if stop or ckpt.should_save(step + 1, stage_boundary=..., final=step + 1 == total):
-            ckpt.save(step + 1, lambda d, tag: engine.save(d, tag, client_state), {"loader": loader.state_dict()})
-        if stop:
-            preempt.requeue()                           # rank 0, under SLURM, after SIGUSR1 only
-            return                                      # every rank exits 0
+        ckpt.restore(point, backend.load)               # backend files, parts, then this rank's RNG states
+    ...
+    if stop or ckpt.should_save(step, stage_boundary=..., final=...):
+        ckpt.save(step, backend.save)
 """
 
 from __future__ import annotations
@@ -43,28 +31,53 @@ import os
 import random
 import re
 import shutil
-import signal
-import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Union
 
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline.config import CheckpointConfig, ConfigError, resume_refusal, settings_diff, settings_hash
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Rank files: 2 keeps every registered part under ``parts``; 1 (still read) had them at the top level."""
 _TAG_RE = re.compile(r"^step-(\d+)$")
 
 SaveFn = Callable[[Path, str], None]
 """``save_fn(directory, tag)`` writes the model / optimizer state into ``directory / tag`` on every rank."""
+LoadFn = Callable[["ResumePoint"], None]
+"""``load_fn(point)`` loads the model / optimizer state of a resume point on every rank (the backend's load)."""
+
+
+class Stateful(Protocol):
+    """What the checkpoint manager saves and restores: the trainer counters, the loader, the EMA ..."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+Scope = Literal["rank", "main"]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A registered piece of state. ``scope`` 'rank': every rank saves and restores its own (a loader
+    position, its BN statistics); on a resume with another world size the part's ``load_resharded(states)``
+    gets every saved rank's state in rank order, and a part without that method keeps what it has (the model
+    file's values). 'main': rank 0's state is saved and every rank restores it (the trainer counters, an
+    unsharded EMA). ``state_dict()`` is called on every rank either way: it may be a collective."""
+
+    name: str
+    obj: Stateful
+    scope: Scope = "rank"
 
 
 # --------------------------------------------------------------------------------------------------- naming
@@ -165,27 +178,6 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
             log.warning("the checkpoint holds a CUDA RNG state but CUDA is not available here; not restored")
 
 
-# --------------------------------------------------------------------------------------------------- collectives
-
-
-def _dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _default_barrier() -> None:
-    if _dist_ready():
-        torch.distributed.barrier()
-
-
-def _default_broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (identity when not distributed)."""
-    if not _dist_ready():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # --------------------------------------------------------------------------------------------------- manager
 
 
@@ -215,20 +207,19 @@ class ResumePoint:
         return self.path.parent / f"{self.tag}_universal"
 
     @property
-    def needs_universal(self) -> bool:
-        """True when the checkpoint was written by a different number of ranks: ZeRO shards and per-rank
-        states do not map one to one, so the engine must load a universal checkpoint instead."""
+    def world_size_changed(self) -> bool:
+        """The checkpoint was written by another number of ranks: per-rank states do not map one to one (the
+        backend decides what that means for its model files: ZeRO 1-3 re-shard through a universal checkpoint)."""
         return self.saved_world_size != self.world_size
 
     @property
     def message(self) -> str:
         s, n = self.saved_world_size, self.world_size
         base = f"resuming from {self.path} (step {self.step})"
-        if not self.needs_universal:
+        if not self.world_size_changed:
             return base
-        return (f"{base}: resuming a {s}-rank checkpoint on {n} rank{'s' if n != 1 else ''}: converting to a "
-                f"universal checkpoint in {self.universal_path} (per-rank RNG and loader states are re-derived "
-                "from the step and the samples seen)")
+        return (f"{base}: a {s}-rank checkpoint on {n} rank{'s' if n != 1 else ''} (per-rank RNG and loader "
+                "states are re-derived from the step and the samples seen)")
 
 
 class CheckpointManager:
@@ -240,13 +231,14 @@ class CheckpointManager:
         rank, world_size: this process's place in the job.
         settings: the settings that must not change on resume (``pipeline.config.frozen_settings(cfg)``);
             stored in every marker and compared on resume.
-        barrier, broadcast: collectives; default to ``torch.distributed`` when it is initialised, else no-ops.
-            ``broadcast(obj)`` returns rank 0's ``obj`` on every rank.
+
+    What a checkpoint holds besides the backend's files is registered (:meth:`register`): each part's
+    ``state_dict()`` goes into the rank files under its name, and :meth:`restore` gives it back. Collectives
+    (barriers, rank 0's resume decision) go over :func:`pipeline.distributed.control_group`.
     """
 
     def __init__(self, cfg: CheckpointConfig, run_dir: Union[str, os.PathLike], *, rank: int, world_size: int,
-                 settings: Optional[Mapping[str, Any]] = None, barrier: Optional[Callable[[], None]] = None,
-                 broadcast: Optional[Callable[[Any], Any]] = None):
+                 settings: Optional[Mapping[str, Any]] = None, barrier: Optional[Callable[[], None]] = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not within world size {world_size}")
         self.cfg = cfg
@@ -255,9 +247,21 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
         self.settings = dict(settings) if settings is not None else None
-        self._barrier = barrier or _default_barrier
-        self._broadcast = broadcast or _default_broadcast
+        self.parts: dict[str, Part] = {}
         self.last_saved_step: Optional[int] = None
+        self._barrier_fn = barrier
+
+    def register(self, name: str, obj: Stateful, *, scope: Scope = "rank") -> None:
+        """Save ``obj`` with every checkpoint and restore it on resume (see :class:`Part`); order is kept."""
+        if name in self.parts:
+            raise ValueError(f"checkpoint part '{name}' is registered twice")
+        self.parts[name] = Part(name, obj, scope)
+
+    def _barrier(self) -> None:
+        if self._barrier_fn is not None:
+            self._barrier_fn()
+        else:
+            distributed.barrier(distributed.control_group())
 
     # ------------------------------------------------------------------ paths
 
@@ -278,22 +282,27 @@ class CheckpointManager:
         every = self.cfg.every_steps
         return final or stage_boundary or (every > 0 and step > 0 and step % every == 0)
 
-    def save(self, step: int, save_fn: Optional[SaveFn], rank_state: Optional[Mapping[str, Any]] = None, *,
-             extra: Optional[Mapping[str, Any]] = None) -> Path:
+    def save(self, step: int, save_fn: Optional[SaveFn], *, extra: Optional[Mapping[str, Any]] = None) -> Path:
         """Write checkpoint ``step`` on every rank; returns its folder once it is complete everywhere.
 
-        Order: rank 0 clears a leftover folder of the same tag; barrier; every rank runs ``save_fn(dir, tag)``
-        (DeepSpeed writes into ``dir/tag``) and writes its rank file (RNG states + ``rank_state``); barrier;
-        rank 0 writes COMPLETE.json (tmp + os.replace) and prunes; barrier, so that no rank moves on (or
-        exits on preemption) before the checkpoint counts. ``extra`` (rank 0's) goes into the marker.
-        Every rank must call this with the same step.
+        Order: every registered part's state (on every rank: a part may gather); rank 0 clears a leftover folder
+        of the same tag; barrier; every rank runs ``save_fn(dir, tag)`` (DeepSpeed writes into ``dir/tag``) and
+        writes its rank file (RNG states + the parts); barrier; rank 0 writes COMPLETE.json (tmp +
+        os.replace) and prunes; barrier, so that no rank moves on (or exits on preemption) before the
+        checkpoint counts. ``extra`` (rank 0's) goes into the marker. Every rank must call this with the
+        same step.
         """
         tag = step_tag(step)
         path = self.dir / tag
         # The generators as they are after `step`, before anything in the save could draw from them.
+        rng = capture_rng_state()
+        parts = {}
+        for part in self.parts.values():
+            state = part.obj.state_dict()
+            if part.scope == "rank" or self.rank == 0:
+                parts[part.name] = state
         payload = {"format": FORMAT_VERSION, "step": step, "rank": self.rank, "world_size": self.world_size,
-                   "rng": capture_rng_state()}
-        payload.update(rank_state or {})
+                   "rng": rng, "parts": parts}
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._clear_for(step)
@@ -314,6 +323,7 @@ class CheckpointManager:
                 "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "unix_time": time.time(),
                 "world_size": self.world_size,
+                "parts": list(self.parts),
                 "settings_hash": None if self.settings is None else settings_hash(self.settings),
                 "settings": self.settings,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -377,22 +387,8 @@ class CheckpointManager:
         that ranks on other nodes with a stale view of a network filesystem cannot pick another one.
         Raises ConfigError for a missing / incomplete explicit path and for changed frozen settings.
         """
-        choice: Optional[str] = None
-        error: Optional[tuple[bool, str]] = None
-        failure: Optional[BaseException] = None
-        if self.rank == 0:
-            try:
-                found = self._find_resume()
-                choice = str(found) if found is not None else None
-            except Exception as e:  # every rank must hear about it, or the others wait in the broadcast
-                failure = e
-                error = (isinstance(e, ConfigError), f"{type(e).__name__}: {e}")
-        choice, error = self._broadcast((choice, error))
-        if failure is not None:
-            raise failure
-        if error is not None:
-            is_config, msg = error
-            raise ConfigError(msg.split(": ", 1)[1]) if is_config else RuntimeError(f"rank 0 failed: {msg}")
+        found = distributed.on_rank0(self._find_resume)
+        choice = str(found) if found is not None else None
         if choice is None:
             return None
         path = Path(choice)
@@ -439,20 +435,46 @@ class CheckpointManager:
                           f"interrupted or it is not a checkpoint folder){hint}. Pass a complete checkpoint "
                           "folder or checkpoint.resume=auto")
 
-    def load_rank_state(self, point: ResumePoint, *, restore_rng: bool = True) -> Optional[dict]:
-        """This rank's saved state (RNG under ``'rng'``, plus what the trainer passed to :meth:`save`), with the
-        RNG states restored unless ``restore_rng=False``. None when the world size changed: per-rank states of
-        a different world do not belong to any one rank now (see :meth:`load_all_rank_states`)."""
-        if point.needs_universal:
-            return None
-        state = load_rank_file(point.path, self.rank)
-        if restore_rng:
-            restore_rng_state(state["rng"])
-        return state
+    def restore(self, point: ResumePoint, load_fn: Optional[LoadFn] = None) -> None:
+        """Load a resume point on every rank: the backend's files (``load_fn``), then every registered part,
+        then (same world size) this rank's RNG states, last, so that nothing in the loading draws from them.
 
-    def load_all_rank_states(self, point: ResumePoint) -> list[dict]:
-        """Every saved rank's state, saved rank order (e.g. to re-split the data stream on a new world size)."""
-        return [load_rank_file(point.path, r) for r in range(point.saved_world_size)]
+        Rank-scoped parts get this rank's saved state; after a world-size change, every saved rank's state
+        through ``load_resharded`` (parts without it keep what they have). Main-scoped parts get rank 0's.
+        A part missing from the checkpoint is refused with the file and the part named."""
+        if load_fn is not None:
+            load_fn(point)
+        same = not point.world_size_changed
+        own = load_rank_file(point.path, self.rank) if same else None
+        mine = parts_of(own) if own is not None else None
+        main = None
+        if any(p.scope == "main" for p in self.parts.values()):
+            main = mine if (same and self.rank == 0) else parts_of(load_rank_file(point.path, 0))
+        every = None
+        for part in self.parts.values():
+            if part.scope == "main":
+                part.obj.load_state_dict(_part(main, part.name, point.path, 0))
+            elif same:
+                part.obj.load_state_dict(_part(mine, part.name, point.path, self.rank))
+            elif hasattr(part.obj, "load_resharded"):
+                if every is None:  # read once, only when some part needs them
+                    every = [parts_of(load_rank_file(point.path, r)) for r in range(point.saved_world_size)]
+                part.obj.load_resharded([_part(states, part.name, point.path, r) for r, states in enumerate(every)])
+        if own is not None:
+            restore_rng_state(own["rng"])
+
+
+def parts_of(payload: dict) -> dict:
+    """The registered parts of a rank file (format 2: under ``parts``; format 1: at the top level)."""
+    return payload["parts"] if int(payload.get("format", 1)) >= 2 else payload
+
+
+def _part(states: Mapping[str, Any], name: str, ckpt: Path, rank: int) -> Any:
+    if name not in states:
+        raise ConfigError(f"checkpoint {ckpt}: {rank_file(ckpt, rank).name} holds no '{name}' state (it was "
+                          f"saved without it, e.g. with ema.enabled=false); resume with the settings it was saved "
+                          "with, or start a new run (checkpoint.resume=none)")
+    return states[name]
 
 
 def rank_file(ckpt: Union[str, os.PathLike], rank: int) -> Path:
@@ -509,181 +531,3 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------------- preemption
-
-
-def _parse_signal(sig: Union[str, int, signal.Signals]) -> signal.Signals:
-    if isinstance(sig, signal.Signals):
-        return sig
-    if isinstance(sig, int):
-        return signal.Signals(sig)
-    name = sig.strip().upper()
-    name = name if name.startswith("SIG") else "SIG" + name
-    try:
-        s = signal.Signals[name]
-    except KeyError:
-        raise ConfigError(f"checkpoint.preempt_signals: '{sig}' is not a signal name; use e.g. SIGUSR1, "
-                          "SIGUSR2, SIGTERM") from None
-    if s in (signal.SIGKILL, signal.SIGSTOP):
-        raise ConfigError(f"checkpoint.preempt_signals: {s.name} cannot be caught; use e.g. SIGUSR1 or SIGTERM")
-    return s
-
-
-# Signals that mean "this job is over" (scancel, Ctrl-C, SLURM ending or preempting the job): save and exit,
-# but do not requeue, or a user's scancel would bring the job straight back. SLURM requeues preempted jobs
-# itself when its PreemptMode says so. Any other configured signal (SIGUSR1 from --signal=USR1@180, a time
-# limit warning) means "come back later": save, requeue, exit.
-_FINAL_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-# Codes all-reduced with MAX: a requeue request from any rank wins over a plain stop.
-_NONE, _STOP, _REQUEUE = 0, 1, 2
-
-
-class PreemptionHandler:
-    """Turns preemption signals into a decision that every rank agrees on at a step boundary.
-
-    The signal handler only records the signal (no I/O, no save: a handler runs between two arbitrary
-    bytecodes of the main thread, possibly inside a collective). :meth:`should_stop` is called by the trainer
-    after each optimizer step on every rank: when ``torch.distributed`` is initialised it all-reduces (MAX) a
-    one-element tensor, so a signal that reached one rank stops all of them at the same step; otherwise it
-    uses the local flag. Cost: one 4-byte all-reduce per check (tens of microseconds; on NCCL it also waits
-    for the GPU to reach that point of the step); ``check_every`` spreads it over N steps. All ranks must
-    call :meth:`should_stop` equally often, as they do in a training loop.
-
-    SLURM: ``#SBATCH --signal=USR1@180`` delivers SIGUSR1 to every task 180 s before the time limit: after
-    the save, :meth:`requeue` on rank 0 puts the job back in the queue (``scontrol requeue``) and it resumes
-    from the checkpoint. SIGTERM (``scancel``, preemption, the time limit itself) and SIGINT also stop the run
-    with a checkpoint but do not requeue: a cancelled job stays cancelled, and SLURM requeues preempted jobs
-    itself when configured to.
-
-    Installs its handlers on construction (main thread only); :meth:`close` restores the previous ones.
-    """
-
-    def __init__(self, signals: Iterable[Union[str, int, signal.Signals]] = ("SIGUSR1", "SIGTERM"), *,
-                 check_every: int = 1, rank: int = 0, requeue: bool = True):
-        if check_every < 1:
-            raise ConfigError(f"checkpoint.preempt_check_every: {check_every} must be at least 1")
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionHandler must be created in the main thread (Python delivers signals "
-                               "only there)")
-        self.signals = [_parse_signal(s) for s in signals]
-        self.check_every = check_every
-        self.rank = rank
-        self.requeue_enabled = requeue
-        self.received: Optional[signal.Signals] = None
-        self._decision = _NONE
-        self._calls = 0
-        self._reported = False
-        self._previous: dict[signal.Signals, Any] = {}
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._on_signal)
-
-    @classmethod
-    def from_config(cls, cfg: CheckpointConfig, *, rank: int) -> "PreemptionHandler":
-        return cls(cfg.preempt_signals, check_every=cfg.preempt_check_every, rank=rank, requeue=cfg.requeue)
-
-    def _on_signal(self, signum, frame) -> None:
-        # Keep the first signal: SLURM may follow USR1 with TERM, and the first says why we stop.
-        if self.received is None:
-            self.received = signal.Signals(signum)
-
-    @property
-    def triggered(self) -> bool:
-        """This rank received one of the signals (no collective)."""
-        return self.received is not None
-
-    @property
-    def wants_requeue(self) -> bool:
-        """The agreed stop came from a requeue signal (e.g. SIGUSR1) on at least one rank."""
-        return self._decision == _REQUEUE
-
-    def _local_code(self) -> int:
-        if self.received is None:
-            return _NONE
-        return _STOP if self.received in _FINAL_SIGNALS else _REQUEUE
-
-    def should_stop(self) -> bool:
-        """True on every rank once any rank received a signal, decided every ``check_every``-th call."""
-        if self._decision != _NONE:
-            return True
-        self._calls += 1
-        if self._calls % self.check_every:
-            return False
-        local = self._local_code()
-        if local and not self._reported:
-            self._reported = True
-            log.warning("rank %d received %s; stopping at the next step boundary after a checkpoint",
-                        self.rank, self.received.name)
-        self._decision = _all_reduce_max(local) if _dist_ready() else local
-        if self._decision and self.rank == 0:
-            if not self.wants_requeue:
-                then = "exit 0 without requeueing (SIGTERM / SIGINT: cancelled, preempted or out of time)"
-            elif self.requeue_enabled and _slurm_job_id():
-                then = f"requeue SLURM job {_slurm_job_id()}, exit 0"
-            else:
-                then = "exit 0 (not under SLURM or checkpoint.requeue=false: resubmit to resume)"
-            log.warning("preemption: all ranks stop now: save a checkpoint, %s", then)
-        return self._decision != _NONE
-
-    def requeue(self) -> bool:
-        """Rank 0, under SLURM, with requeue enabled and a requeue signal agreed: ``scontrol requeue
-        $SLURM_JOB_ID``. Returns whether the job was requeued; failures are logged, never raised (the
-        checkpoint is already safe). Call it after the checkpoint is complete: SLURM stops the job at once."""
-        job = _slurm_job_id()
-        if self.rank != 0 or not self.requeue_enabled or not job or not self.wants_requeue:
-            return False
-        cmd = ["scontrol", "requeue", job]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            log.error("could not requeue SLURM job %s (%s: %s); resubmit it to resume from the checkpoint",
-                      job, " ".join(cmd), e)
-            return False
-        if res.returncode != 0:
-            log.error("could not requeue SLURM job %s (%s exited %d: %s); resubmit it to resume from the "
-                      "checkpoint", job, " ".join(cmd), res.returncode, (res.stderr or res.stdout).strip())
-            return False
-        log.warning("requeued SLURM job %s; it resumes from the newest checkpoint when it starts again", job)
-        return True
-
-    def close(self) -> None:
-        """Restore the signal handlers that were installed before this one."""
-        for s, prev in self._previous.items():
-            try:
-                signal.signal(s, prev if prev is not None else signal.SIG_DFL)
-            except (ValueError, TypeError):  # not the main thread any more, or interpreter shutdown
-                pass
-        self._previous.clear()
-
-    def __enter__(self) -> "PreemptionHandler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _slurm_job_id() -> Optional[str]:
-    # An array task's own id is SLURM_JOB_ID as well; scontrol requeue accepts it.
-    return os.environ.get("SLURM_JOB_ID") or None
-
-
-_FLAG: dict[torch.device, torch.Tensor] = {}
-
-
-def _all_reduce_max(code: int) -> int:
-    dist = torch.distributed
-    backend = str(dist.get_backend())
-    # NCCL reduces only CUDA tensors; a gloo (or mixed "cpu:gloo,cuda:nccl") group takes a CPU tensor, which
-    # also avoids a device sync.
-    if "gloo" in backend or not torch.cuda.is_available():
-        device = torch.device("cpu")
-    else:
-        device = torch.device("cuda", torch.cuda.current_device())
-    t = _FLAG.get(device)
-    if t is None:  # one buffer per device, reused: no allocation per step
-        t = _FLAG[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    t.fill_(code)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())

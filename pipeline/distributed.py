@@ -18,18 +18,20 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import pickle
 import re
 import shutil
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Mapping, NoReturn, Optional
+from typing import Any, Callable, Mapping, NoReturn, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 DEFAULT_PORT = 29500
+T = TypeVar("T")
 
 
 class DistributedError(RuntimeError):
@@ -191,11 +193,13 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: int = 1800,
-                     environ: Optional[Mapping[str, str]] = None) -> DistEnv:
+                     environ: Optional[Mapping[str, str]] = None, *, single_process_group: bool = False) -> DistEnv:
     """Detect the environment and, for more than one process, start the default process group (``env://``).
 
     ``backend`` None picks nccl when CUDA is available, else gloo. On CUDA the process's device is set to its
     local rank first. Calling it again once a group exists returns the environment without re-initialising.
+    ``single_process_group``: a single process gets a one-rank group too, on an in-memory store (DeepSpeed needs
+    a group; no port is opened, so concurrent single-process runs on one machine cannot collide).
     SLURM-derived MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE / LOCAL_RANK are exported into ``os.environ``
     so that libraries reading them (DeepSpeed, accelerate) agree with us.
     """
@@ -206,7 +210,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: int = 1800,
         os.environ.setdefault(name, str(value))
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % max(1, torch.cuda.device_count()))
-    if env.world_size == 1 or (dist.is_available() and dist.is_initialized()):
+    if (env.world_size == 1 and not single_process_group) or is_initialized():
         return env
     if not dist.is_available():
         raise DistributedError("this PyTorch build has no torch.distributed; install a regular PyTorch wheel")
@@ -214,6 +218,8 @@ def init_distributed(backend: Optional[str] = None, timeout_s: int = 1800,
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     kwargs: dict[str, Any] = dict(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                                   timeout=datetime.timedelta(seconds=timeout_s))
+    if env.world_size == 1:
+        kwargs.update(init_method=None, store=dist.HashStore())
     if backend == "nccl":
         kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group(**kwargs)
@@ -262,52 +268,137 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    if is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def barrier(group: Optional[dist.ProcessGroup] = None) -> None:
+    if _world(group) > 1:
+        dist.barrier(group=group)
 
 
-def _reduce_device() -> torch.device:
+def _reduce_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
     # nccl reduces CUDA tensors only; gloo CPU tensors
-    if is_initialized() and dist.get_backend() == "nccl":
+    if is_initialized() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def _all_reduce(value, op) -> Any:
+def _world(group: Optional[dist.ProcessGroup] = None) -> int:
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def _all_reduce(value, op, group: Optional[dist.ProcessGroup] = None) -> Any:
     """Reduce a number or tensor across ranks; returns the same kind (float for numbers)."""
     is_tensor = torch.is_tensor(value)
-    if not is_initialized() or dist.get_world_size() == 1:
+    if _world(group) == 1:
         return value if is_tensor else float(value)
     t = value.detach().clone() if is_tensor else torch.tensor(float(value), dtype=torch.float64)
     orig_device = t.device
-    t = t.to(_reduce_device())
-    dist.all_reduce(t, op=op)
+    t = t.to(_reduce_device(group))
+    dist.all_reduce(t, op=op, group=group)
     if is_tensor:
         return t.to(orig_device)
     return float(t.item())
 
 
-def all_reduce_sum(value):
-    return _all_reduce(value, dist.ReduceOp.SUM if dist.is_available() else None)
+def all_reduce_sum(value, group: Optional[dist.ProcessGroup] = None):
+    return _all_reduce(value, dist.ReduceOp.SUM if dist.is_available() else None, group)
 
 
-def all_reduce_max(value):
-    return _all_reduce(value, dist.ReduceOp.MAX if dist.is_available() else None)
+def all_reduce_max(value, group: Optional[dist.ProcessGroup] = None):
+    return _all_reduce(value, dist.ReduceOp.MAX if dist.is_available() else None, group)
 
 
-def all_reduce_min(value):
-    return _all_reduce(value, dist.ReduceOp.MIN if dist.is_available() else None)
+def all_reduce_min(value, group: Optional[dist.ProcessGroup] = None):
+    return _all_reduce(value, dist.ReduceOp.MIN if dist.is_available() else None, group)
 
 
-def all_reduce_mean(value):
-    total = all_reduce_sum(value)
-    return total / get_world_size()
+def all_reduce_mean(value, group: Optional[dist.ProcessGroup] = None):
+    total = all_reduce_sum(value, group)
+    return total / _world(group)
 
 
-def all_reduce_any(flag: bool) -> bool:
+def all_reduce_any(flag: bool, group: Optional[dist.ProcessGroup] = None) -> bool:
     """True on every rank when it is true on any rank (preemption agreement)."""
-    return all_reduce_max(1.0 if flag else 0.0) > 0.5
+    return all_reduce_max(1.0 if flag else 0.0, group) > 0.5
+
+
+def all_reduce_(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """In-place sum of a tensor on its own device across ``group`` (data plane: BN statistics); no-op alone."""
+    if _world(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def all_gather_into_tensor(out: torch.Tensor, local: torch.Tensor,
+                           group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Every rank's ``local`` concatenated into ``out`` (data plane: ZeRO-3 EMA shards)."""
+    if _world(group) == 1:
+        out.copy_(local.reshape(out.shape))
+    else:
+        dist.all_gather_into_tensor(out, local, group=group)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0, group: Optional[dist.ProcessGroup] = None) -> Any:
+    """Rank ``src``'s ``obj`` (picklable) on every rank; the object itself without a process group."""
+    if _world(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------- control plane
+
+_CONTROL: dict[str, Any] = {}
+
+
+def control_group() -> Optional[dist.ProcessGroup]:
+    """The process group of the control plane: the preemption flag, bad-sample counts, log reductions, "rank 0
+    decides" broadcasts and checkpoint barriers. Always gloo, so its collectives take CPU tensors: under NCCL
+    the training step then has no host synchronisation beyond the ones it needs (a flag all-reduced on the
+    default group would be a CUDA tensor and an ``.item()`` per step). None without a process group or with
+    one rank (the collectives are no-ops then).
+
+    Created on the first call, which every rank must make at the same point (``new_group`` is collective);
+    the trainer calls it right after the process group starts."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return None
+    key = f"{id(dist.group.WORLD)}"
+    group = _CONTROL.get(key)
+    if group is None:
+        group = _CONTROL[key] = dist.new_group(backend="gloo")
+    return group
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling (it travels to the other ranks), else a RuntimeError with its text."""
+    try:
+        copy = pickle.loads(pickle.dumps(error))
+        if type(copy) is type(error) and str(copy) == str(error):
+            return error
+    except Exception:
+        pass
+    return RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
+
+
+def on_rank0(fn: Callable[[], T], group: Optional[dist.ProcessGroup] = None) -> T:
+    """Rank 0 runs ``fn``; every rank returns its result, or raises the exception rank 0 raised (same type,
+    same message), so no rank waits forever for a decision that failed and every rank reports the same error.
+    ``group`` defaults to the control group; without a process group ``fn`` just runs."""
+    group = control_group() if group is None else group
+    if _world(group) == 1:
+        return fn()
+    result, error = None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    result, remote = broadcast_object((result, None if error is None else _portable(error)), group=group)
+    if error is not None:
+        raise error
+    if remote is not None:
+        raise remote
+    return result
 
 
 def all_gather_object(obj: Any) -> list[Any]:

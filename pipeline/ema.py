@@ -33,7 +33,7 @@ import contextlib
 from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
-import torch.distributed as dist
+from pipeline import distributed
 from torch import nn
 
 from pipeline.bn import all_reduce_mean_
@@ -72,9 +72,7 @@ def _is_zero3(p: torch.Tensor) -> bool:
 
 
 def _dist_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return distributed.get_rank(), distributed.get_world_size()
 
 
 class ModelEMA:
@@ -204,7 +202,7 @@ class ModelEMA:
             local = torch.cat([s.reshape(-1).float() for s in shards[i:j]])
             if world > 1:
                 gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
-                dist.all_gather_into_tensor(gathered, local)
+                distributed.all_gather_into_tensor(gathered, local)
                 gathered = gathered.view(world, local.numel())
             else:
                 gathered = local.view(1, -1)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import glob
 import logging
 import os
@@ -58,17 +57,19 @@ from pathlib import Path
 from typing import Any, ContextManager, Iterable, Mapping, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from pipeline import distributed
+from pipeline.backend import grad_norm, resolve_precision
+from pipeline.checkpoint import ResumePoint
 from pipeline.config import ConfigError, OptimConfig, TrainConfig
-from pipeline.optim import accumulation_steps, set_lr
+from pipeline.optim import accumulation_steps, build_optimizer, set_lr
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "Engine", "accumulation_steps", "build_ds_config", "consolidate_fp32_state_dict", "contiguous_parameters",
-    "convert_to_universal", "init_distributed", "is_universal_checkpoint", "saved_world_size", "saved_zero_stage",
+    "convert_to_universal", "is_universal_checkpoint", "saved_world_size", "saved_zero_stage",
 ]
 
 UNIVERSAL_CHECKPOINT_INFO = {"universal_checkpoint_version": 0.2}
@@ -81,7 +82,7 @@ DEFAULT_REDUCE_BUCKET = 25_000_000
 def _deepspeed():
     """Import DeepSpeed lazily: importing it costs seconds and probes the accelerator, which tools that only
     build configs (tests, config printing) do not need."""
-    import deepspeed  # noqa: PLC0415
+    import deepspeed
 
     return deepspeed
 
@@ -167,9 +168,7 @@ def build_ds_config(train: TrainConfig, optim: OptimConfig, passthrough: Optiona
         # states of EfficientNetV2-S (bench/zero_memory.py). 2.5e7 elements = 95 MiB still reduces a whole
         # S / M gradient partition in a few calls.
         cfg["zero_optimization"]["reduce_bucket_size"] = DEFAULT_REDUCE_BUCKET
-    precision = train.precision
-    if precision == "auto":
-        precision = "bf16" if device_type == "cuda" else "fp32"
+    precision = resolve_precision(train.precision, device_type)
     if precision == "bf16":
         # autocast-style mixed precision: weights, BN and optimizer in fp32. An empty
         # lower_precision_safe_modules keeps gradient reduction in fp32 (DeepSpeed's default list would
@@ -184,29 +183,6 @@ def build_ds_config(train: TrainConfig, optim: OptimConfig, passthrough: Optiona
     if load_universal:
         cfg["checkpoint"] = {"load_universal": True}
     return _deep_merge(cfg, passthrough)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# process group
-
-
-def init_distributed(timeout_s: int = 1800, backend: Optional[str] = None) -> tuple[int, int]:
-    """Start the process group (once) with a collective timeout; returns (rank, world size).
-
-    Rank / world come from torchrun, the deepspeed launcher or SLURM (:mod:`pipeline.distributed`). A single
-    process gets a one-rank group on an in-memory store (DeepSpeed needs a group; no port is opened, so
-    concurrent single-process runs on one machine cannot collide).
-    """
-    from pipeline.distributed import init_distributed as init_env, register_shutdown  # noqa: PLC0415
-
-    env = init_env(backend=backend, timeout_s=timeout_s)
-    if not dist.is_initialized():
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-        register_shutdown()
-    return env.rank, env.world_size
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,7 +211,7 @@ def contiguous_parameters(model: nn.Module) -> int:
                       else "strided")
             p.data = p.data.contiguous()
             changed[layout] = changed.get(layout, 0) + 1
-    if changed and (not dist.is_initialized() or dist.get_rank() == 0):
+    if changed and distributed.get_rank() == 0:
         what = ", ".join(f"{n} {layout}" for layout, n in sorted(changed.items()))
         log.warning("made %d parameter(s) contiguous for DeepSpeed (%s); activations stay NHWC when the "
                     "input is channels_last (EfficientNetV2: model.channels_last)", sum(changed.values()), what)
@@ -249,15 +225,21 @@ class Engine:
     is available as :attr:`module` (ZeRO-3: partitioned parameters; use :meth:`gathered_parameters`).
     """
 
+    kind = "deepspeed"
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, *,
                  timeout_s: int = 1800):
         deepspeed = _deepspeed()
-        init_distributed(timeout_s)
+        distributed.init_distributed(timeout_s=timeout_s, single_process_group=True)
         self.config = ds_config
+        if ds_config.get("bf16", {}).get("enabled"):
+            self.precision = "bf16_weights"
+        else:
+            self.precision = "bf16" if ds_config.get("torch_autocast", {}).get("enabled") else "fp32"
         contiguous_parameters(model)
         self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                  dist_init_required=False)
-        self._micro = 0  # micro-batches done in the current optimizer step
+        self._micro_done = 0  # micro-batches done in the current optimizer step
         # bf16 weights: DeepSpeed casts the module, not its inputs
         self._input_dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else None
         self._grad_norm: Optional[torch.Tensor | float] = None
@@ -265,14 +247,16 @@ class Engine:
     @classmethod
     def build(cls, model: nn.Module, train: TrainConfig, optim: OptimConfig,
               passthrough: Optional[Mapping[str, Any]] = None, *, micro_batch_size: Optional[int] = None,
-              load_universal: bool = False) -> "Engine":
+              load_universal: bool = False, resume: Optional[ResumePoint] = None) -> "Engine":
         """Optimizer (ours, :func:`pipeline.optim.build_optimizer`), DeepSpeed config and engine in one call.
 
         ``micro_batch_size``: the first stage's per-rank micro-batch (default train.micro_batch_size).
+        ``resume``: the checkpoint the run will load with :meth:`load_resume_point`; one written by another
+        number of ranks with ZeRO 1-3 needs an engine that loads universal checkpoints (decided here).
         """
-        from pipeline.optim import build_optimizer  # noqa: PLC0415
-
-        _, world = init_distributed(train.collective_timeout_s)
+        world = distributed.init_distributed(timeout_s=train.collective_timeout_s,
+                                             single_process_group=True).world_size
+        load_universal = load_universal or needs_universal(resume)
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         ds_config = build_ds_config(train, optim, passthrough, micro_batch_size=micro_batch_size or
                                     train.micro_batch_size, world_size=world, device_type=device_type,
@@ -311,7 +295,7 @@ class Engine:
 
     @property
     def rank(self) -> int:
-        return dist.get_rank()
+        return distributed.get_rank()
 
     @property
     def micro_batch_size(self) -> int:
@@ -360,7 +344,11 @@ class Engine:
 
     def is_gradient_accumulation_boundary(self) -> bool:
         """Whether the next backward is the last micro-batch of the current optimizer step."""
-        return self._micro == self.grad_accum_steps - 1
+        return self._micro_done == self.grad_accum_steps - 1
+
+    def micro_batch(self) -> ContextManager:
+        """Around one micro-batch (the backend protocol): DeepSpeed reduces at the boundary by itself."""
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> torch.Tensor:
         """Backward of one micro-batch's mean loss; DeepSpeed divides it by the accumulation steps."""
@@ -374,15 +362,15 @@ class Engine:
         if boundary and self.zero_stage == 0:
             # ZeRO 1-3 (and bf16 weights) compute the global norm in their optimizer step; plain stage 0 does
             # not, so measure it here, after DeepSpeed's all-reduce in the boundary backward
-            own_norm = _grad_norm(self._ds.module.parameters())
+            own_norm = grad_norm(self._ds.module.parameters())
         self._ds.step()
         if boundary:
-            self._micro = 0
+            self._micro_done = 0
             norm = self._ds.get_global_grad_norm()
             # kept as DeepSpeed returns it (a device tensor on GPU): no host sync until someone asks
             self._grad_norm = norm if norm is not None else own_norm
         else:
-            self._micro += 1
+            self._micro_done += 1
         return boundary
 
     def set_lr(self, lr: float) -> None:
@@ -399,8 +387,8 @@ class Engine:
     def set_micro_batch_size(self, micro_batch_size: int, micro_key: str = "progressive.stage_micro_batch") -> int:
         """Change the per-rank micro-batch at a step boundary, keeping the global batch; returns the new
         accumulation steps. Refuses (naming ``micro_key``) when the global batch does not divide."""
-        if self._micro != 0:
-            raise RuntimeError(f"set_micro_batch_size in the middle of an optimizer step ({self._micro} of "
+        if self._micro_done != 0:
+            raise RuntimeError(f"set_micro_batch_size in the middle of an optimizer step ({self._micro_done} of "
                                f"{self.grad_accum_steps} micro-batches done); call it between steps")
         global_batch = self.global_batch_size
         gas = accumulation_steps(global_batch, micro_batch_size, self.world_size, micro_key=micro_key)
@@ -470,16 +458,40 @@ class Engine:
             load_lr_scheduler_states=False, load_module_only=load_module_only)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path} (see its log above)")
-        self._micro = 0
+        self._micro_done = 0
         return dict(client_state or {})
 
+    def save_checkpoint(self, directory: str | os.PathLike, tag: str) -> None:
+        """The backend protocol's save: :meth:`save` with no client state."""
+        self.save(directory, tag)
 
-def _grad_norm(params: Iterable[nn.Parameter]) -> Optional[torch.Tensor]:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return None
-    norms = torch._foreach_norm(grads)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    def load_checkpoint(self, point: ResumePoint) -> None:
+        """Load a checkpoint of the run (the backend protocol's load): as it is when the world size is the
+        same or the checkpoint is ZeRO-0 (whole states); else converted to a universal checkpoint first
+        (rank 0 converts, once; pruned with the checkpoint) and loaded re-sharded for this world size."""
+        if needs_universal(point):
+            convert_to_universal(point.directory, point.tag, point.universal_path)
+            self.load(point.universal_path.parent, point.universal_path.name)
+        else:
+            self.load(point.directory, point.tag)
+
+    def resume_message(self, point: ResumePoint) -> str:
+        """What loading ``point`` will do, for the console."""
+        if not point.world_size_changed:
+            return point.message
+        s, n = point.saved_world_size, point.world_size
+        ranks = f"a {s}-rank checkpoint on {n} rank{'s' if n != 1 else ''}"
+        if needs_universal(point):
+            return (f"resuming {ranks}: converting to a universal checkpoint in {point.universal_path} (per-rank "
+                    "RNG and loader states are re-derived from the step and the samples seen)")
+        return (f"resuming from {point.path} (step {point.step}): a {s}-rank ZeRO-0 checkpoint on {n} rank(s); "
+                "its states are whole, so it loads as it is")
+
+
+def needs_universal(point: Optional[ResumePoint]) -> bool:
+    """A resume point that only a universal checkpoint can load here: another world size wrote it with ZeRO
+    1-3 (a ZeRO-0 checkpoint holds whole states and loads on any number of ranks as it is)."""
+    return bool(point is not None and point.world_size_changed and saved_zero_stage(point.directory, point.tag) > 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -523,21 +535,8 @@ def convert_to_universal(ckpt_dir: str | os.PathLike, tag: str, out_dir: str | o
     temporary folder renamed at the end, so an interrupted conversion is never mistaken for a finished one;
     an existing finished conversion is reused. With a process group, rank 0 converts and the others wait.
     """
-    src = Path(ckpt_dir) / tag
-    out = Path(out_dir)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    error: Optional[str] = None
-    if rank == 0:
-        try:
-            _convert(src, out, workers, timeout_s)
-        except Exception as e:  # reported on every rank below, so no rank waits forever
-            error = str(e)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise RuntimeError(error)
+    src, out = Path(ckpt_dir) / tag, Path(out_dir)
+    distributed.on_rank0(lambda: _convert(src, out, workers, timeout_s))
     return out
 
 
@@ -578,7 +577,7 @@ def consolidate_fp32_state_dict(ckpt_dir: str | os.PathLike, tag: str) -> dict[s
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     if saved_zero_stage(ckpt_dir, tag) > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(sys.stderr):  # it prints progress on stdout
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)

@@ -20,13 +20,21 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from pipeline.models import strip_prefixes
+from pipeline.checkpoint import checkpoints_dir, latest, load_rank_file, parts_of, read_marker, step_tag
+from pipeline.config import load_config, model_options
+from pipeline.ema import ModelEMA
+from pipeline.engine import consolidate_fp32_state_dict
+from pipeline.models import create_model, strip_prefixes
 
 EXPORT_FORMAT = "effnetv2-export"
 EXPORT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
+RUN_META = "run.json"
+"""Written into a run dir by the trainer at start: what an export needs without the data (classes with wnids,
+image sizes)."""
 
 
 class ExportError(ValueError):
@@ -35,8 +43,6 @@ class ExportError(ValueError):
 
 def save_export(state_dict: dict, meta: dict, out_dir: str | os.PathLike) -> Path:
     """Write model.safetensors (fp32, contiguous) and model.json atomically into out_dir."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
@@ -57,8 +63,6 @@ def is_export(path: str | os.PathLike) -> bool:
 
 def load_export(path: str | os.PathLike) -> tuple[dict, dict]:
     """Return (state_dict, meta) of an export folder, with a clear error when it is not one."""
-    from safetensors.torch import load_file
-
     p = Path(path)
     if not p.exists():
         raise ExportError(f"{p}: does not exist; pass an export folder written by `python -m pipeline.export`")
@@ -82,8 +86,6 @@ def architecture_meta(model) -> dict:
 
 def model_from_export(path: str | os.PathLike, **overrides):
     """Build the exported architecture with create_model and load its weights (strict)."""
-    from pipeline.models import create_model
-
     state, meta = load_export(path)
     arch = meta["architecture"]
     kwargs = dict(arch.get("options", {}))
@@ -91,6 +93,64 @@ def model_from_export(path: str | os.PathLike, **overrides):
     model = create_model(arch["name"], num_classes=arch["num_classes"], **kwargs)
     model.load_state_dict(state, strict=True)
     return model, meta
+
+
+def export_checkpoint(run_dir: str | os.PathLike, *, step: Optional[int] = None, ema: bool = False,
+                      out_dir: str | os.PathLike) -> Path:
+    """Consolidate checkpoint ``step`` (default: the newest complete one) of a pretraining run into an export
+    folder: fp32 weights from the ZeRO shards, or the EMA weights (reassembled from the per-rank shards under
+    ZeRO-3)."""
+    run = Path(run_dir)
+    cfg_file = run / "config.yaml"
+    if not cfg_file.is_file():
+        raise ExportError(f"{run}: no config.yaml; pass the run directory of a pretraining run (train.run_dir)")
+    cfg = load_config(cfg_file, base=None)
+    if step is None:
+        step = latest(run)
+        if step is None:
+            raise ExportError(f"{run}: no complete checkpoint under {checkpoints_dir(run)}")
+    ckpt_dir = checkpoints_dir(run)
+    tag = step_tag(step)
+    marker = read_marker(ckpt_dir / tag)
+    if marker is None:
+        raise ExportError(f"{ckpt_dir / tag}: missing or incomplete checkpoint (no COMPLETE.json)")
+    meta_file = run / RUN_META
+    if not meta_file.is_file():
+        raise ExportError(f"{run}: no {RUN_META} (written when a run starts); is this a pretraining run folder?")
+    run_meta = json.loads(meta_file.read_text())
+    m = cfg.model
+    model = create_model(m.name, num_classes=m.num_classes or run_meta["num_classes"], drop_rate=None,
+                         drop_path_rate=m.drop_path_rate, **model_options(m))
+    raw = consolidate_fp32_state_dict(ckpt_dir, tag)
+    if ema:
+        ema_states = _rank_parts(ckpt_dir / tag, int(marker.get("world_size", 1)), "ema")
+        if not ema_states:
+            raise ExportError(f"{ckpt_dir / tag}: holds no EMA weights (ema.enabled was false); export without --ema")
+        model.load_state_dict(raw, strict=True)  # the EMA reassembles against the model's shapes
+        holder = ModelEMA(model, decay=cfg.ema.decay, tf_warmup=cfg.ema.tf_warmup)
+        holder.load_state_dict(ema_states if ema_states[0].get("sharded") else ema_states[0])
+        state = holder.full_state_dict(rank0_only=False, sync=False)
+    else:
+        state = raw
+    model.load_state_dict(state, strict=True)  # the export must load into create_model as it is
+    meta = {
+        "architecture": architecture_meta(model),
+        "classes": run_meta["classes"],
+        "image_size": {"train": run_meta["train_image_size"], "eval": run_meta["eval_image_size"]},
+        "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+        "source": {"run_dir": str(run.resolve()), "tag": tag, "step": step, "weights": "ema" if ema else "raw"},
+    }
+    return save_export(state, meta, out_dir)
+
+
+def _rank_parts(ckpt: Path, world_size: int, name: str) -> list:
+    """The ``name`` part of every rank file that holds one (rank order)."""
+    out = []
+    for r in range(world_size):
+        parts = parts_of(load_rank_file(ckpt, r))
+        if parts.get(name) is not None:
+            out.append(parts[name])
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -102,8 +162,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
     try:
-        from pipeline.trainer import export_checkpoint
-
         out = export_checkpoint(args.run_dir, step=args.step, ema=args.ema, out_dir=args.out)
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

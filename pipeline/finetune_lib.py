@@ -1,19 +1,24 @@
-"""Fine-tuning pieces that need no launcher: where the initial weights come from, the new (seeded) head,
-class lists, the loss, evaluation and the result table. ``pipeline.finetune`` drives them with accelerate.
+"""Fine-tuning pieces that need no process group: where the initial weights come from, the new (seeded) head,
+class lists and the result table. The :class:`pipeline.finetune.Finetune` recipe uses them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.checkpoint import CHECKPOINTS, checkpoints_dir, tag_step
-from pipeline.config import ConfigError, DataConfig, FinetuneConfig, ModelConfig, model_options
+from pipeline.checkpoint import CHECKPOINTS, checkpoints_dir, latest, tag_step
+from pipeline.config import ConfigError, DataConfig, ModelConfig, load_config, model_options
+from pipeline.data.shards import load_split
+from pipeline.export import ExportError, export_checkpoint, is_export, load_export
+from pipeline.models import create_model, load_timm_state_dict, strip_prefixes
 
 TIMM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _WNID_RE = re.compile(r"^n\d{8}$")
@@ -45,13 +50,6 @@ def class_list(classes: Sequence[Any], num_classes: int) -> list[dict]:
     return [by_index.get(i, {"index": i, "wnid": None, "name": str(i)}) for i in range(num_classes)]
 
 
-def check_finetune_config(cfg: FinetuneConfig) -> None:
-    for key, value, allowed in (("init_weights", cfg.init_weights, ("auto", "ema", "raw")),
-                                ("export_weights", cfg.export_weights, ("ema", "raw"))):
-        if value not in allowed:
-            raise ConfigError(f"finetune.{key}: '{value}' is not one of {' / '.join(allowed)}")
-
-
 @dataclass
 class DataInfo:
     """What fine-tuning needs to know about its training data before any loader exists."""
@@ -65,7 +63,7 @@ class DataInfo:
 def describe_train_data(cfg: DataConfig) -> DataInfo:
     """Class list and size of the training data: shard folders (info.json) or a datasets dataset."""
     if cfg.hf_dataset:
-        from pipeline.data.hf import HFSource
+        from pipeline.data.hf import HFSource  # imports datasets
 
         src = HFSource.from_config(cfg, cfg.hf_train_split)
         return DataInfo(class_list(src.classes, int(src.num_classes)), int(src.num_classes), len(src),
@@ -73,8 +71,6 @@ def describe_train_data(cfg: DataConfig) -> DataInfo:
     if not cfg.train:
         raise FinetuneError("data.train is empty: list the shard folders of the target dataset (written by "
                             "`python -m shards write ...`), or set data.hf_dataset to a datasets folder / cached name")
-    from pipeline.data.shards import load_split
-
     first = load_split(cfg.train[0], cfg.train_split)
     samples = first.samples + sum(load_split(r, cfg.train_split).samples for r in cfg.train[1:])
     return DataInfo(class_list(first.classes, first.num_classes), first.num_classes, samples, f"{first.info_path}")
@@ -122,8 +118,6 @@ class InitWeights:
 
 def classify_init(path: Optional[str]) -> InitSource:
     """Decide what kind of init ``path`` is, or say clearly why it is none (cheap: reads no weights)."""
-    from pipeline.export import is_export
-
     if not path:
         raise FinetuneError(f"init: not set; {_INIT_HELP}, e.g. init=runs/pretrain_xl/export")
     p = Path(path)
@@ -150,14 +144,6 @@ def consolidate_deepspeed(src: InitSource, out_dir: Path, weights: str = "auto")
 
     ``weights`` 'auto' takes the EMA weights when the run kept an EMA (its config.yaml says ema.enabled),
     else the raw ones; 'ema' / 'raw' insist."""
-    try:
-        from pipeline.trainer import export_checkpoint
-    except ImportError as e:  # the pretraining trainer is what knows its checkpoint layout
-        raise FinetuneError(f"init={src.path}: consolidating a DeepSpeed checkpoint needs pipeline.trainer "
-                            f"({e}); export it first with `python -m pipeline.export {src.run_dir} --ema "
-                            f"--out DIR` and pass init=DIR") from None
-    from pipeline.config import load_config
-
     cfg_file = Path(src.run_dir) / "config.yaml"
     if not cfg_file.is_file():
         raise FinetuneError(f"init={src.path}: {cfg_file} is missing, so this is not a pretraining run folder; "
@@ -177,10 +163,6 @@ def consolidate_deepspeed(src: InitSource, out_dir: Path, weights: str = "auto")
 def export_is_of(export_dir: Path, src: InitSource) -> bool:
     """Whether an export folder was consolidated from the checkpoint ``src`` names (its run dir and step; the
     newest complete step when ``src`` names a run dir)."""
-    import json
-
-    from pipeline.checkpoint import latest
-
     try:
         source = json.loads((Path(export_dir) / "model.json").read_text()).get("source") or {}
     except (OSError, ValueError):
@@ -191,8 +173,6 @@ def export_is_of(export_dir: Path, src: InitSource) -> bool:
 
 def load_init(src: InitSource, *, weights: str = "auto") -> InitWeights:
     """Load the weights of an export folder or a timm file (a DeepSpeed source must be consolidated first)."""
-    from pipeline.export import ExportError, load_export
-
     if src.kind == "export":
         try:
             state, meta = load_export(src.path)
@@ -214,7 +194,6 @@ def load_init(src: InitSource, *, weights: str = "auto") -> InitWeights:
 def _read_timm_file(path: Path, weights: str) -> tuple[dict, str]:
     try:
         if path.name.endswith(".safetensors"):
-            from safetensors.torch import load_file
             obj: Any = load_file(str(path))
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -264,8 +243,6 @@ def seed_head_rows(classifier: nn.Linear, old_weight: torch.Tensor, old_bias: Op
 
 def _load_backbone(model: nn.Module, state: dict, init: InitWeights) -> None:
     """Strict load of everything but the classifier, with a message that names what does not fit."""
-    from pipeline.export import strip_prefixes
-
     state = {k: v for k, v in strip_prefixes(state).items() if not k.startswith("classifier.")}
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
     missing = sorted(set(ours) - set(state))
@@ -283,16 +260,19 @@ def _load_backbone(model: nn.Module, state: dict, init: InitWeights) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def build_model(init: InitWeights, model_cfg: ModelConfig, classes: Sequence[dict], *, head_seed: bool,
-                log: Callable[[str], None] = print) -> nn.Module:
-    """create_model(model.name) for len(classes) outputs, the init's weights in it, and the head seeded from
-    the pretrained head by wnid when both class lists carry wnids."""
-    from pipeline.models import create_model, load_timm_state_dict
-
+def check_architecture(init: InitWeights, model_cfg: ModelConfig) -> None:
+    """An export names its architecture: it must be model.name (timm files say nothing; model.name decides)."""
     if init.arch_name is not None and init.arch_name != model_cfg.name:
         raise FinetuneError(f"init={init.source.path} holds {init.arch_name} weights but model.name is "
                             f"{model_cfg.name}; set model.name={init.arch_name} (and its eval size), or pass an "
                             f"init of {model_cfg.name}")
+
+
+def build_model(init: InitWeights, model_cfg: ModelConfig, classes: Sequence[dict], *, head_seed: bool,
+                log: Callable[[str], None] = print) -> nn.Module:
+    """create_model(model.name) for len(classes) outputs, the init's weights in it, and the head seeded from
+    the pretrained head by wnid when both class lists carry wnids."""
+    check_architecture(init, model_cfg)
     options = model_options(model_cfg)
     # Padding and BN eps define what the pretrained weights compute: the init's values win over the config's.
     for key in ("padding", "bn_eps"):
@@ -328,63 +308,11 @@ def build_model(init: InitWeights, model_cfg: ModelConfig, classes: Sequence[dic
     return model
 
 
-# ---- evaluation -------------------------------------------------------------------------------------------
-
-def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
-    """Number of samples whose label is among the top-k logits, for each k (k capped at the class count)."""
-    kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices  # (B, kmax)
-    hit = top.eq(targets.view(-1, 1))
-    return [int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
-
+# ---- results -----------------------------------------------------------------------------------------------
 
 def result_table(results: dict[str, dict[str, float]]) -> str:
     """A small fixed-width table: one row per weight set (raw / ema), top-1 / top-5 in percent."""
     lines = [f"{'weights':<8} {'top-1':>7} {'top-5':>7} {'images':>8}"]
     for name, r in results.items():
-        lines.append(f"{name:<8} {r['top1']:>7.2f} {r['top5']:>7.2f} {int(r['images']):>8d}")
+        lines.append(f"{name:<8} {r['top1']:>7.2f} {r['top5']:>7.2f} {int(r['samples']):>8d}")
     return "\n".join(lines)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, reduce_sum: Callable[[torch.Tensor], torch.Tensor],
-             autocast: Optional[Callable[[], Any]] = None, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy (percent) over an EvalLoader, summed across ranks by ``reduce_sum`` (a collective:
-    every rank calls it once). Padding samples (``valid`` False) do not count."""
-    import contextlib
-
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(len(ks) + 1, dtype=torch.float64)  # hits per k, then samples
-    try:
-        for batch in loader:
-            valid = batch["valid"]
-            if not bool(valid.any()):
-                continue
-            x = batch["image"][valid].to(device, non_blocking=True)
-            y = batch["label"][valid].to(device)
-            with (autocast() if autocast is not None else contextlib.nullcontext()):
-                logits = model(x)
-            hits = topk_correct(logits.float(), y, ks)
-            counts += torch.tensor(hits + [int(valid.sum())], dtype=torch.float64)
-    finally:
-        model.train(was_training)
-    total = reduce_sum(counts.to(device)).cpu()
-    n = float(total[-1])
-    out = {f"top{k}": (100.0 * float(total[i]) / n if n else float("nan")) for i, k in enumerate(ks)}
-    out["images"] = n
-    return out
-
-
-def flat_hparams(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> {dotted key: scalar} for TensorBoard's hparams (lists and None as text)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat_hparams(v, key + "."))
-        elif isinstance(v, (bool, int, float, str)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -128,6 +128,14 @@ class MetricsLogger:
         if self.enabled:
             self.bar.close()
             self.writer.close()
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """Number of samples whose label is among the top-k logits, for each k (k capped at the class count)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices  # (B, kmax)
+    hit = top.eq(targets.view(-1, 1))
+    return [int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
 
 
 def write_json(path: str | Path, payload: dict) -> None:

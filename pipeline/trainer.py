@@ -1,14 +1,21 @@
-"""The pretraining loop: progressive stages, DeepSpeed steps, EMA, evaluation, checkpoints, preemption.
+"""The training loop of pretraining and fine-tuning: stages, steps, EMA, evaluation, checkpoints, preemption.
+
+One :class:`Trainer` runs over a backend (:class:`pipeline.backend.Backend`): DeepSpeed for pretraining
+(``python -m pipeline.pretrain``), accelerate for fine-tuning (``accelerate launch -m pipeline.finetune``). What
+differs between the two is a :class:`Recipe`: where the model comes from (a fresh model, or an init with a new
+head), which backend, and what is written at the end (an export and metrics.json for fine-tuning).
 
 Per optimizer step: the stage comes from the step alone (``schedule.stage_at(step)``); on a change the loader
-switches transforms / micro-batch, the model its dropout (and drop-path), the engine its accumulation, and
-the stage is logged. Then ``grad_accum_steps`` micro-batches forward / backward, one optimizer step at
-``lr_at(step)``, an EMA update. Evaluation every ``eval.every_steps`` and at the end; a checkpoint every
-``checkpoint.every_steps``, at every stage boundary, at the end, and when a preemption signal arrives.
+switches transforms / micro-batch, the model its dropout (and drop-path), the backend its accumulation, and the
+stage is logged. Then ``grad_accum_steps`` micro-batches forward / backward, one optimizer step at
+``lr_at(step)``, an EMA update every ``ema.every`` steps. Evaluation every ``eval.every_steps`` and at the end; a
+checkpoint every ``checkpoint.every_steps``, at every stage boundary, at the end, and when a preemption signal
+arrives.
 
-Checkpoint contents (``RUN/checkpoints/step-N``): DeepSpeed's model / optimizer shards; per rank
-``rank-0000R.pt`` with the RNG states, the loader position, the trainer counters and the EMA (this rank's
-shard under ZeRO-3; rank 0's full copy otherwise); ``COMPLETE.json`` last, with the settings hash.
+Checkpoint contents (``RUN/checkpoints/step-N``): the backend's files (DeepSpeed's model / optimizer shards, or
+accelerate's state), and per rank ``rank-0000R.pt`` with the RNG states and the registered parts: ``trainer``
+(step, samples seen), ``loader`` (position), ``bn`` (this rank's BN statistics), ``ema`` (rank 0's, or this
+rank's shard under ZeRO-3), ``ema_buffers`` (this rank's EMA of its BN statistics); ``COMPLETE.json`` last.
 """
 
 from __future__ import annotations
@@ -17,36 +24,32 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
-import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline import distributed
+from pipeline.backend import Backend
 from pipeline.bn import averaged_bn_stats, bn_stats_state, convert_sync_bn, load_bn_stats_state
-from pipeline.checkpoint import (CheckpointManager, PreemptionHandler, checkpoints_dir, latest, load_rank_file,
-                                 read_marker, step_tag)
-from pipeline.config import Config, ConfigError, frozen_settings, load_config, model_options, save_resolved
+from pipeline.checkpoint import CheckpointManager, ResumePoint
+from pipeline.config import Config, ConfigError, frozen_settings, save_resolved
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.ema import ModelEMA
-from pipeline.engine import (Engine, consolidate_fp32_state_dict, convert_to_universal, init_distributed,
-                             saved_zero_stage)
-from pipeline.export import ExportError, architecture_meta, save_export
+from pipeline.export import RUN_META
 from pipeline.losses import soft_cross_entropy
-from pipeline.metrics import MetricsLogger, StageAccounting, Throughput, gpu_memory_gb, write_json
-from pipeline.models import create_model
-from pipeline.optim import lr_schedule
+from pipeline.metrics import MetricsLogger, StageAccounting, Throughput, gpu_memory_gb, topk_correct, write_json
+from pipeline.optim import accumulation_steps, lr_schedule
+from pipeline.preemption import PreemptionHandler
 from pipeline.progressive import Stage, StageSchedule, resolve_total_steps
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE_VERSION = 1
-RUN_META = "run.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -55,25 +58,168 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_kwargs(cfg: Config, num_classes: int, dropout: Optional[float]) -> dict:
-    return dict(num_classes=num_classes, drop_rate=dropout, drop_path_rate=cfg.model.drop_path_rate,
-                **model_options(cfg.model))
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's own streams (dropout, stochastic depth) after the shared initialisation."""
+    return seed * 100_003 + 1 + rank
+
+
+class Recipe:
+    """What a kind of run adds to the loop. Subclasses: :class:`pipeline.pretrain.Pretrain` and
+    :class:`pipeline.finetune.Finetune`."""
+
+    backend = "deepspeed"
+    """'deepspeed' or 'accelerate'."""
+
+    def check(self, cfg: Config) -> None:
+        """Cheap checks of the run's input on every rank, before any process group exists."""
+
+    def build_model(self, trainer: "Trainer") -> nn.Module:
+        """The model to train (called once, every rank, under the run's seed)."""
+        raise NotImplementedError
+
+    def default_dropout(self, cfg: Config, model: nn.Module) -> Optional[float]:
+        """Dropout of a run without progressive learning (None: the stage table's maximum)."""
+        return cfg.model.drop_rate
+
+    def finish(self, trainer: "Trainer", results: dict) -> dict:
+        """After the final evaluation (every rank); returns what the run adds to its summary."""
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------- state parts
+
+
+@dataclasses.dataclass
+class Counters:
+    """The trainer's own checkpoint part: optimizer steps done and images consumed by them (global)."""
+
+    step: int = 0
+    samples_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return {"version": TRAINER_STATE_VERSION, "step": self.step, "samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != TRAINER_STATE_VERSION:
+            raise ConfigError(f"trainer state version {state.get('version')} is not {TRAINER_STATE_VERSION}; "
+                              "resume with the code that wrote it")
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+
+
+class _LoaderPart:
+    """The loader's position; the same on every rank, so after a world-size change any rank's continues the
+    epoch with the samples no rank has seen yet."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def load_resharded(self, states: list) -> None:
+        self.loader.load_state_dict(states[0])
+
+
+class _BNPart:
+    """This rank's BN running statistics. The model files hold their cross-rank mean; each rank trained on with
+    its own, so it continues with its own. After a world-size change the mean is the only sensible start."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> list:
+        return bn_stats_state(self.model)
+
+    def load_state_dict(self, state: list) -> None:
+        load_bn_stats_state(self.model, state)
+
+
+class _EMAPart:
+    """The EMA weights: rank 0's (every rank's are the same) or, under ZeRO-3, each rank's shard. Its EMA of
+    the BN statistics is their cross-rank mean (collective: every rank calls state_dict)."""
+
+    def __init__(self, ema: ModelEMA, is_main: bool):
+        self.ema, self.is_main = ema, is_main
+
+    @property
+    def scope(self) -> str:
+        return "rank" if self.ema.sharded else "main"
+
+    def state_dict(self) -> Optional[dict]:
+        buffers = self.ema.synced_buffers()  # collective: before any rank-dependent branch
+        return self.ema.state_dict(buffers=buffers) if (self.ema.sharded or self.is_main) else None
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state)
+
+    def load_resharded(self, states: list) -> None:
+        self.ema.load_state_dict(states)  # ZeRO-3 shards of another world size: reassembled, re-sliced
+
+
+class _EMABuffersPart:
+    """This rank's own EMA of its BN statistics (the EMA part holds their mean)."""
+
+    def __init__(self, ema: ModelEMA):
+        self.ema = ema
+
+    def state_dict(self) -> list:
+        return self.ema.local_buffers()
+
+    def load_state_dict(self, state: list) -> None:
+        self.ema.load_local_buffers(state)
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+def start_backend(kind: str, cfg: Config) -> tuple[int, int, Callable[[nn.Module, int, Optional[ResumePoint]], Backend]]:
+    """Start the backend's process group; returns (rank, world size, build(model, micro-batch, resume point))."""
+    t = cfg.train
+    if kind == "deepspeed":
+        from pipeline.engine import Engine  # imports DeepSpeed only when it builds an engine
+
+        env = distributed.init_distributed(timeout_s=t.collective_timeout_s, single_process_group=True)
+
+        def build(model: nn.Module, micro: int, point: Optional[ResumePoint]) -> Backend:
+            return Engine.build(model, t, cfg.optim, cfg.deepspeed, micro_batch_size=micro, resume=point)
+
+        return env.rank, env.world_size, build
+    if kind == "accelerate":
+        from pipeline.accel import AccelerateBackend  # the only module that imports accelerate
+
+        backend = AccelerateBackend(t, cfg.optim)
+        return backend.rank, backend.world_size, lambda model, micro, point: backend.prepare(model, micro)
+    raise ValueError(f"unknown backend '{kind}': 'deepspeed' or 'accelerate'")
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
-    """Builds everything from a Config; ``train()`` runs to the end or to a preemption and returns a summary."""
+    """Builds everything from a Config and a recipe; ``train()`` runs to the end or to a preemption and returns a
+    summary."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, recipe: Optional[Recipe] = None):
+        if recipe is None:
+            from pipeline.pretrain import Pretrain
+
+            recipe = Pretrain()
+        self.cfg, self.recipe = cfg, recipe
         t, d = cfg.train, cfg.data
         self.run_dir = Path(t.run_dir)
-        self.rank, self.world_size = init_distributed(t.collective_timeout_s)
+        recipe.check(cfg)
+        self.rank, self.world_size, build_backend = start_backend(recipe.backend, cfg)
         self.is_main = self.rank == 0
+        self.control_group = distributed.control_group()  # every rank, right after the process group starts
         # first, so that a preemption warning during start-up (loading, conversion) is not fatal
         self.preempt = PreemptionHandler.from_config(cfg.checkpoint, rank=self.rank)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
+        self.logger: Optional[MetricsLogger] = None
 
         # The loader first: the dataset size decides the epoch length and, with train.epochs, the run length.
         # It starts on a provisional stage; the real one is set before the first batch (_enter_stage).
@@ -86,48 +232,43 @@ class Trainer:
         self.train_samples = self.loader.dataset_samples
         self.steps_per_epoch = self.train_samples / t.global_batch_size
         self.total_steps = resolve_total_steps(t, self.train_samples)
-        default_dropout = cfg.model.drop_rate
-        self.schedule = StageSchedule.from_config(cfg.progressive, self.total_steps, default_dropout=default_dropout)
+
+        # The same initial weights on every rank and in every run of this seed; then per-rank streams for
+        # dropout / stochastic depth (restored exactly from the checkpoint's RNG states on resume).
+        seed_everything(t.seed)
+        model = recipe.build_model(self)
+        seed_everything(rank_seed(t.seed, self.rank))
+        self.schedule = StageSchedule.from_config(cfg.progressive, self.total_steps,
+                                                  default_dropout=recipe.default_dropout(cfg, model))
+        for stage in self.schedule:  # fail now, not at a later stage, on a batch that does not divide
+            accumulation_steps(t.global_batch_size, self.micro_batch_for(stage), self.world_size)
         self.lr_fn = lr_schedule(cfg.optim, global_batch_size=t.global_batch_size, total_steps=self.total_steps,
                                  steps_per_epoch=self.steps_per_epoch)
 
         self.ckpt = CheckpointManager(cfg.checkpoint, self.run_dir, rank=self.rank, world_size=self.world_size,
                                       settings=frozen_settings(cfg))
         self.resume_point = self.ckpt.resolve_resume()
-        self.step = self.resume_point.step if self.resume_point else 0
+        self.counters = Counters(step=self.resume_point.step if self.resume_point else 0)
         stage = self.schedule.stage_at(self.step)
-
-        # The same initial weights on every rank and in every run of this seed; then per-rank streams for
-        # dropout / stochastic depth (restored exactly from the checkpoint's RNG states on resume).
-        seed_everything(t.seed)
-        model = create_model(cfg.model.name, **model_kwargs(cfg, self.num_classes, stage.dropout))
-        seed_everything(t.seed * 100_003 + 1 + self.rank)
-        if stage.drop_path is not None:
-            model.set_regularization(drop_path=stage.drop_path)
         if t.sync_bn and self.world_size > 1:
             model = convert_sync_bn(model, device_type="cuda" if torch.cuda.is_available() else "cpu")
         if cfg.model.compile:
             model.compile()  # in place: state-dict keys stay free of '_orig_mod.'
-        # Another world size: ZeRO 1-3 shards must be re-split through a universal checkpoint; a ZeRO-0
-        # checkpoint holds whole states and loads on any number of ranks as it is.
-        universal = bool(self.resume_point and self.resume_point.needs_universal
-                         and saved_zero_stage(self.resume_point.directory, self.resume_point.tag) > 0)
-        self._universal = universal
-        self.engine = Engine.build(model, t, cfg.optim, cfg.deepspeed, micro_batch_size=self._micro(stage),
-                                   load_universal=universal)
-        self.model = self.engine.module
+        self.backend = build_backend(model, self.micro_batch_for(stage), self.resume_point)
+        self.model = self.backend.module
         self.ema = (ModelEMA(self.model, cfg.ema.decay, tf_warmup=cfg.ema.tf_warmup,
-                             gathered_parameters=self.engine.gathered_parameters) if cfg.ema.enabled else None)
+                             gathered_parameters=self.backend.gathered_parameters) if cfg.ema.enabled else None)
         self.stage: Optional[Stage] = None
-        self.samples_seen = 0  # global images consumed by optimizer steps
         self.eval_results: dict = {}
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, total_steps=self.total_steps,
                                     start_step=self.step)
         self.accounting = StageAccounting()
         self.throughput = Throughput()
-        self._eval_loaders: dict[int, object] = {}
+        self._eval_loaders: dict[int, Any] = {}
+        self._register_parts()
         if self.resume_point is not None:
-            self._resume(self.resume_point)
+            self._print(self.backend.resume_message(self.resume_point))
+            self.ckpt.restore(self.resume_point, self.backend.load_checkpoint)
         if self.is_main:
             # what export needs without the data: classes (with wnids) and the run's image sizes
             write_json(self.run_dir / RUN_META, {"classes": list(self.loader.classes), "num_classes": self.num_classes,
@@ -137,83 +278,60 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    def _micro(self, stage: Stage) -> int:
+    @property
+    def step(self) -> int:
+        return self.counters.step
+
+    @property
+    def samples_seen(self) -> int:
+        return self.counters.samples_seen
+
+    def micro_batch_for(self, stage: Stage) -> int:
         return stage.micro_batch_size or self.cfg.train.micro_batch_size
 
-    def _print(self, msg: str) -> None:
-        if self.is_main:
+    def print(self, msg: str) -> None:
+        """One line on the main process's console (above the progress bar once it exists)."""
+        if not self.is_main:
+            return
+        if self.logger is not None:
             self.logger.print(msg)
-
-    # ------------------------------------------------------------------------------------------ resume
-
-    def _resume(self, point) -> None:
-        if point.needs_universal and not self._universal:
-            self._print(f"resuming from {point.path} (step {point.step}): a {point.saved_world_size}-rank ZeRO-0 "
-                        f"checkpoint on {self.world_size} rank(s); its states are whole, so it loads as it is")
         else:
-            self._print(point.message)
-        if self._universal:
-            convert_to_universal(point.directory, point.tag, point.universal_path)
-            self.engine.load(point.universal_path.parent, point.universal_path.name)
-        else:
-            self.engine.load(point.directory, point.tag)
-        mine = self.ckpt.load_rank_state(point)  # restores this rank's RNG states (same world size only)
-        if mine is None:  # another world size: the per-rank states are re-split below
-            states = self.ckpt.load_all_rank_states(point)
-        else:  # rank 0's file holds the unsharded EMA; reading only it and ours keeps a resume O(ranks)
-            states = [mine if self.rank == 0 else load_rank_file(point.path, 0)]
-        trainer_state = states[0]["trainer"]
-        if trainer_state.get("version") != TRAINER_STATE_VERSION:
-            raise ConfigError(f"{point.path}: trainer state version {trainer_state.get('version')} is not "
-                              f"{TRAINER_STATE_VERSION}; resume with the code that wrote it")
-        self.step = int(trainer_state["step"])
-        self.samples_seen = int(trainer_state["samples_seen"])
-        # Loader positions are the same on every rank; after a world-size change the loader continues the
-        # epoch with the samples no rank has seen yet.
-        self.loader.load_state_dict((mine or states[0])["loader"])
+            print(msg, flush=True)
+
+    _print = print
+
+    def _register_parts(self) -> None:
+        c = self.ckpt
+        c.register("trainer", self.counters, scope="main")
+        c.register("loader", _LoaderPart(self.loader))
+        if not self.cfg.train.sync_bn:
+            c.register("bn", _BNPart(self.model))
         if self.ema is not None:
-            if self.ema.sharded:
-                self.ema.load_state_dict(mine["ema"] if mine is not None else [s["ema"] for s in states])
-            else:
-                self.ema.load_state_dict(states[0]["ema"])
-        if mine is not None:
-            # The checkpoint's module holds the cross-rank mean of the BN statistics (and rank 0's EMA state
-            # their mean EMA); each rank trained on with its own, so it continues with its own. After a
-            # world-size change the mean is the only sensible start for every new rank.
-            if "bn" in mine and not self.cfg.train.sync_bn:
-                load_bn_stats_state(self.model, mine["bn"])
-            if self.ema is not None and "ema_buffers" in mine:
-                self.ema.load_local_buffers(mine["ema_buffers"])
+            part = _EMAPart(self.ema, self.is_main)
+            c.register("ema", part, scope=part.scope)
+            c.register("ema_buffers", _EMABuffersPart(self.ema))
 
     def _bn_averaged(self):
         """BN statistics averaged across ranks inside, each rank's own again after (see pipeline.bn)."""
         return contextlib.nullcontext() if self.cfg.train.sync_bn else averaged_bn_stats(self.model)
 
-    def _save(self) -> None:
-        """A checkpoint that does not change the run: the model and EMA files get the cross-rank mean of the BN
-        statistics (and of their EMA), the rank files each rank's own, which the training goes on with."""
-        rank_state = {
-            "trainer": {"version": TRAINER_STATE_VERSION, "step": self.step, "samples_seen": self.samples_seen},
-            "loader": self.loader.state_dict(),
-            "bn": bn_stats_state(self.model),
-        }
-        if self.ema is not None:
-            buffers = self.ema.synced_buffers()  # collective: before any rank-dependent branch
-            if self.ema.sharded or self.is_main:
-                rank_state["ema"] = self.ema.state_dict(buffers=buffers)
-            rank_state["ema_buffers"] = self.ema.local_buffers()
-        client = {"step": self.step, "samples_seen": self.samples_seen}
+    def _write_model(self, directory: Path, tag: str) -> None:
+        """The backend's files hold the cross-rank mean of the BN statistics; the ranks go on with their own."""
         with self._bn_averaged():
-            self.ckpt.save(self.step, lambda d, tag: self.engine.save(d, tag, client), rank_state,
-                           extra={"stage": self.schedule.stage_at(max(self.step - 1, 0)).index,
-                                  "samples_seen": self.samples_seen})
+            self.backend.save_checkpoint(directory, tag)
+
+    def _save(self) -> None:
+        """A checkpoint that does not change the run (see _write_model and the parts)."""
+        self.ckpt.save(self.step, self._write_model,
+                       extra={"stage": self.schedule.stage_at(max(self.step - 1, 0)).index,
+                              "samples_seen": self.samples_seen, "backend": self.backend.kind})
 
     # ------------------------------------------------------------------------------------------ stages
 
     def _enter_stage(self, stage: Stage) -> None:
-        mb = self._micro(stage)
+        mb = self.micro_batch_for(stage)
         self.model.set_regularization(dropout=stage.dropout, drop_path=stage.drop_path)
-        accum = self.engine.set_micro_batch_size(mb)
+        accum = self.backend.set_micro_batch_size(mb)
         self.loader.set_stage(stage, mb)
         self.stage = stage
         self.accounting.start(stage.index, stage.image_size)
@@ -238,22 +356,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    def _micro_step(self, batch: dict) -> torch.Tensor:
-        dev = self.engine.device
+    def _micro_step(self, batch) -> torch.Tensor:
+        dev = self.backend.device
         images = batch["image"].to(dev, non_blocking=True)  # the model makes it channels_last if configured
         targets = batch["target"].to(dev, non_blocking=True)
-        loss = soft_cross_entropy(self.engine(images), targets)
-        self.engine.backward(loss)
-        self.engine.step()
+        with self.backend.micro_batch():
+            loss = soft_cross_entropy(self.backend.forward(images), targets)
+            self.backend.backward(loss)
+        self.backend.step()
         return loss.detach()
 
     def train_step(self, stage: Stage, lr: float) -> torch.Tensor:
         """One optimizer step at ``lr`` (``grad_accum_steps`` micro-batches), the EMA update, the counters;
         returns this rank's mean loss of the step (a device tensor: no host sync)."""
         cfg = self.cfg
-        self.engine.set_lr(lr)
-        step_loss = torch.zeros((), device=self.engine.device)
-        accum = self.engine.grad_accum_steps
+        self.backend.set_lr(lr)
+        step_loss = torch.zeros((), device=self.backend.device)
+        accum = self.backend.grad_accum_steps
         images = 0
         for _ in range(accum):
             batch = next(self.loader)
@@ -265,86 +384,102 @@ class Trainer:
             images += batch["image"].shape[0]
         if self.ema is not None and self.step % cfg.ema.every == 0:
             self.ema.update(self.step // cfg.ema.every)
-        self.step += 1
         global_images = images * self.world_size
-        self.samples_seen += global_images
+        self.counters.step += 1
+        self.counters.samples_seen += global_images
         self.accounting.step(global_images)
         self.throughput.update(global_images)
         return step_loss / accum
 
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        if self.is_main:
-            self._print(self.schedule.format_table(t.global_batch_size))
-            self._print(f"{self.train_samples:,} training samples, {self.num_classes} classes, "
-                        f"{self.total_steps:,} steps ({self.total_steps / self.steps_per_epoch:.2f} epochs), "
-                        f"{self.world_size} rank(s), ZeRO stage {self.engine.zero_stage}")
-        self.engine.train()
-        loss_sum = torch.zeros((), device=self.engine.device)
+        self._print(self.schedule.format_table(t.global_batch_size))
+        self._print(f"{self.train_samples:,} training samples, {self.num_classes} classes, "
+                    f"{self.total_steps:,} steps ({self.total_steps / self.steps_per_epoch:.2f} epochs), "
+                    f"{self.world_size} rank(s), {self._backend_line()}, run dir {self.run_dir}")
+        if self.step >= self.total_steps:
+            self._print(f"the run is complete (step {self.step}): evaluating it again")
+            self._enter_stage(self.schedule.stage_at(self.step))
+        self.backend.train()
+        loss_sum = torch.zeros((), device=self.backend.device)
         loss_count = 0
         losses: list[tuple[int, float]] = []
         preempted = False
-        while self.step < self.total_steps:
-            stage = self.schedule.stage_at(self.step)
-            if stage != self.stage:
-                self._enter_stage(stage)
-            lr = self.lr_fn(self.step)
-            loss_sum += self.train_step(stage, lr)
-            loss_count += 1
+        try:
+            while self.step < self.total_steps:
+                stage = self.schedule.stage_at(self.step)
+                if stage != self.stage:
+                    self._enter_stage(stage)
+                lr = self.lr_fn(self.step)
+                loss_sum += self.train_step(stage, lr)
+                loss_count += 1
 
-            if self.step % t.log_every == 0 or self.step == self.total_steps:
-                # one collective: the ranks' mean losses and their bad-sample counts (every rank counts its own)
-                stats = self.loader.stats()
-                summed = distributed.all_reduce_sum(
-                    torch.stack([(loss_sum / loss_count).double().cpu(), torch.tensor(float(stats["bad_samples"]),
-                                                                                      dtype=torch.float64)]))
-                mean_loss = float(summed[0]) / self.world_size
-                losses.append((self.step, mean_loss))
-                self._log_step(stage, mean_loss, lr, stats, bad=int(summed[1]))
-                loss_sum.zero_()
-                loss_count = 0
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    losses.append((self.step, self._log_step(stage, loss_sum / loss_count, lr)))
+                    loss_sum.zero_()
+                    loss_count = 0
 
-            final = self.step == self.total_steps
-            boundary = self.step == stage.end_step and not final
-            if cfg.eval.every_steps > 0 and self.step % cfg.eval.every_steps == 0 and not final:
-                self.evaluate()
-            stop = self.preempt.should_stop()
-            if stop or self.ckpt.should_save(self.step, stage_boundary=boundary, final=final):
-                self._save()
-            if stop:
-                self._print(f"preemption signal: checkpoint at step {self.step} saved; exiting")
-                self.preempt.requeue()
-                preempted = True
-                break
-
+                final = self.step == self.total_steps
+                boundary = self.step == stage.end_step and not final
+                if cfg.eval.every_steps > 0 and self.step % cfg.eval.every_steps == 0 and not final:
+                    self.evaluate()
+                stop = self.preempt.should_stop()
+                if stop or self.ckpt.should_save(self.step, stage_boundary=boundary, final=final):
+                    self._save()
+                if stop:
+                    self._print(f"preemption signal: checkpoint at step {self.step} saved; exiting (rerun the same "
+                                "command, or let SLURM requeue the job, to resume)")
+                    self.preempt.requeue()
+                    preempted = True
+                    break
+        finally:
+            self.loader.close()
+            self.preempt.close()
+        extra = {}
         if not preempted:
-            self.evaluate()
-        summary = self._summary(losses, preempted)
+            results = self.evaluate()
+            extra = self.recipe.finish(self, results)
+        summary = self._summary(losses, preempted, extra)
         self.logger.close()
-        self.loader.close()
-        self.preempt.close()
         return summary
 
-    def _log_step(self, stage: Stage, loss: float, lr: float, stats: dict, bad: int) -> None:
-        grad_norm = self.engine.grad_norm()
-        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+    def _backend_line(self) -> str:
+        b = self.backend
+        what = f"DeepSpeed ZeRO stage {b.zero_stage}" if b.zero_stage is not None else b.kind
+        return f"{what}, precision {b.precision}"
+
+    def _log_step(self, stage: Stage, loss: torch.Tensor, lr: float) -> float:
+        """Log the steps since the last log line; returns the mean loss across ranks. One collective on the
+        control group: the ranks' mean losses and their bad-sample counts (every rank counts its own)."""
+        stats = self.loader.stats()
+        summed = distributed.all_reduce_sum(
+            torch.stack([loss.double().cpu(), torch.tensor(float(stats["bad_samples"]), dtype=torch.float64)]),
+            self.control_group)
+        mean_loss = float(summed[0]) / self.world_size
+        grad_norm = self.backend.grad_norm()
+        values = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                   "perf/images_per_s": self.throughput.rate, "data/samples_seen": self.samples_seen,
-                  "data/bad_samples": bad, "data/loader_wait_s": stats["wait_s"],
+                  "data/bad_samples": int(summed[1]), "data/loader_wait_s": stats["wait_s"],
                   "data/loader_wait_fraction": stats["wait_fraction"], "train/epoch": self.step / self.steps_per_epoch}
         values.update(self._stage_scalars(stage))
         mem = gpu_memory_gb()
         if mem is not None:
             values["perf/gpu_mem_gb"] = mem
         self.logger.scalars(self.step, values)
-        self.logger.progress(self.step, stage=f"{stage.index + 1}/{len(self.schedule)}", loss=loss,
+        self.logger.progress(self.step, stage=f"{stage.index + 1}/{len(self.schedule)}", loss=mean_loss,
                              img_s=round(self.throughput.rate, 1), lr=lr)
         if self.is_main:
             with open(self.run_dir / "train_log.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "stage": stage.index,
+                f.write(json.dumps({"step": self.step, "loss": mean_loss, "lr": lr, "stage": stage.index,
                                     "image_size": stage.image_size, "grad_norm": grad_norm,
                                     "images_per_s": self.throughput.rate}) + "\n")
+        return mean_loss
 
     # ------------------------------------------------------------------------------------------ eval
+
+    def eval_image_size(self) -> int:
+        at_stage = self.cfg.eval.at_stage_size and self.stage is not None
+        return self.stage.image_size if at_stage else self.cfg.data.eval_image_size
 
     def _eval_loader(self, size: int):
         if size not in self._eval_loaders:
@@ -356,28 +491,24 @@ class Trainer:
 
     @torch.no_grad()
     def _run_eval(self, loader) -> dict:
-        dev = self.engine.device
+        """Top-1 / top-5 (percent) of the current weights over an eval loader, every sample once across ranks
+        (padding samples, ``valid`` False, do not count); precision@1 too for multi-label data."""
+        dev = self.backend.device
         totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, precision@1 hits, samples
         max_batches = self.cfg.eval.max_batches
         multi_label = False
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break  # every rank has the same number of batches, so all stop together
-            images = batch["image"].to(dev)
-            logits = self.engine(images).float().cpu()
+            logits = self.backend.forward(batch["image"].to(dev)).float().cpu()
             valid = batch["valid"]
-            labels = batch["label"]
-            k = min(5, logits.shape[-1])
-            top = logits.topk(k, dim=-1).indices
-            hit = top == labels.unsqueeze(1)
-            totals[0] += (hit[:, 0] & valid).sum()
-            totals[1] += (hit.any(dim=1) & valid).sum()
+            totals[0:2] += torch.tensor(topk_correct(logits[valid], batch["label"][valid], (1, 5)))
             if "labels" in batch:  # multi-label data: the top-1 prediction is one of the image's labels
                 multi_label = True
-                multi = batch["labels"].bool()
-                totals[2] += (multi.gather(1, top[:, :1]).squeeze(1) & valid).sum()
+                top1 = logits[valid].topk(1, dim=1).indices
+                totals[2] += batch["labels"][valid].bool().gather(1, top1).sum()
             totals[3] += valid.sum()
-        totals = distributed.all_reduce_sum(totals)
+        totals = distributed.all_reduce_sum(totals, self.control_group)
         n = max(float(totals[3]), 1.0)
         out = {"top1": 100 * float(totals[0]) / n, "top5": 100 * float(totals[1]) / n, "samples": int(totals[3])}
         if multi_label:
@@ -385,121 +516,39 @@ class Trainer:
         return out
 
     def evaluate(self) -> dict:
-        size = self.stage.image_size if (self.cfg.eval.at_stage_size and self.stage) else self.cfg.data.eval_image_size
+        """Raw and EMA weights on the validation data (BN statistics averaged across ranks for it)."""
+        size = self.eval_image_size()
         loader = self._eval_loader(size)
         was_training = self.model.training
-        self.engine.eval()
+        self.backend.eval()
         t0 = time.perf_counter()
         with self._bn_averaged():
             results = {"raw": self._run_eval(loader)}
             if self.ema is not None:
                 with self.ema.swapped():
                     results["ema"] = self._run_eval(loader)
-        self.engine.train(was_training)
+        self.backend.train(was_training)
         self.eval_results = {"step": self.step, "image_size": size, **results}
-        scalars = {}
-        for kind, r in results.items():
-            for k, v in r.items():
-                if k != "samples":
-                    scalars[f"eval/{kind}_{k}"] = v
-        self.logger.scalars(self.step, scalars)
+        self.logger.scalars(self.step, {f"eval/{kind}_{k}": v for kind, r in results.items() for k, v in r.items()
+                                        if k != "samples"})
         self.logger.flush()
         self._print(f"eval step {self.step} @{size}px ({results['raw']['samples']} images, "
                     f"{time.perf_counter() - t0:.1f}s): " + ", ".join(
                         f"{kind} top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}" for kind, r in results.items()))
-        return self.eval_results
+        return results
 
     # ------------------------------------------------------------------------------------------ summary
 
-    def _summary(self, losses: list, preempted: bool) -> dict:
+    def _summary(self, losses: list, preempted: bool, extra: dict) -> dict:
         per_stage = self.accounting.summary()
         summary = {
             "step": self.step, "total_steps": self.total_steps, "preempted": preempted,
             "samples_seen": self.samples_seen, "world_size": self.world_size,
-            "zero_stage": self.engine.zero_stage,
+            "backend": self.backend.kind, "zero_stage": self.backend.zero_stage,
             "stages": [{**per_stage.get(s.index, {}), **dataclasses.asdict(s)} for s in self.schedule],
             "eval": self.eval_results, "losses": losses,
-            "tensorboard": str(self.run_dir / "tb"),
+            "tensorboard": str(self.run_dir / "tb"), **extra,
         }
         if self.is_main:
             write_json(self.run_dir / ("summary.json" if not preempted else "summary_preempted.json"), summary)
         return summary
-
-
-# ---------------------------------------------------------------------------------------------- export
-
-
-def export_checkpoint(run_dir: str | os.PathLike, *, step: Optional[int] = None, ema: bool = False,
-                      out_dir: str | os.PathLike) -> Path:
-    """Consolidate checkpoint ``step`` (default: the newest complete one) of a pretraining run into an export
-    folder (see pipeline.export): fp32 weights from the ZeRO shards, or the EMA weights (reassembled from the
-    per-rank shards under ZeRO-3)."""
-    run = Path(run_dir)
-    cfg_file = run / "config.yaml"
-    if not cfg_file.is_file():
-        raise ExportError(f"{run}: no config.yaml; pass the run directory of a pretraining run "
-                          "(train.run_dir)")
-    cfg = load_config(cfg_file, base=None)
-    if step is None:
-        step = latest(run)
-        if step is None:
-            raise ExportError(f"{run}: no complete checkpoint under {checkpoints_dir(run)}")
-    ckpt_dir = checkpoints_dir(run)
-    tag = step_tag(step)
-    marker = read_marker(ckpt_dir / tag)
-    if marker is None:
-        raise ExportError(f"{ckpt_dir / tag}: missing or incomplete checkpoint (no COMPLETE.json)")
-    meta_file = run / RUN_META
-    if not meta_file.is_file():
-        raise ExportError(f"{run}: no {RUN_META} (written when a run starts); is this a pretraining run folder?")
-    run_meta = json.loads(meta_file.read_text())
-    num_classes = cfg.model.num_classes or run_meta["num_classes"]
-    model = create_model(cfg.model.name, **model_kwargs(cfg, num_classes, None))
-    raw = consolidate_fp32_state_dict(ckpt_dir, tag)
-    if ema:
-        states = [load_rank_file(ckpt_dir / tag, r) for r in range(int(marker.get("world_size", 1)))]
-        ema_states = [s["ema"] for s in states if "ema" in s]
-        if not ema_states:
-            raise ExportError(f"{ckpt_dir / tag}: holds no EMA weights (ema.enabled was false); export without --ema")
-        model.load_state_dict(raw, strict=True)  # the EMA reassembles against the model's shapes
-        holder = ModelEMA(model, decay=cfg.ema.decay, tf_warmup=cfg.ema.tf_warmup)
-        holder.load_state_dict(ema_states if ema_states[0].get("sharded") else ema_states[0])
-        state = holder.full_state_dict(rank0_only=False, sync=False)
-    else:
-        state = raw
-    model.load_state_dict(state, strict=True)  # the export must load into create_model as it is
-    meta = {
-        "architecture": architecture_meta(model),
-        "classes": run_meta["classes"],
-        "image_size": {"train": run_meta["train_image_size"], "eval": run_meta["eval_image_size"]},
-        "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-        "source": {"run_dir": str(run.resolve()), "tag": tag, "step": step, "weights": "ema" if ema else "raw"},
-    }
-    return save_export(state, meta, out_dir)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m pipeline.pretrain --config FILE [key=value ...]``."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m pipeline.pretrain", description="EfficientNetV2 pretraining")
-    ap.add_argument("--config", required=True, help="run config, e.g. configs/pretrain/xl_in21k.yaml")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.total_steps=1000")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if distributed.detect_env().rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        summary = Trainer(cfg).train()
-    except (ConfigError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from pipeline.data.shards import DataError
-
-        if isinstance(e, DataError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
-    distributed.destroy()
-    return 0 if summary else 1

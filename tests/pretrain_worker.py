@@ -41,15 +41,15 @@ def main() -> int:
         summary = trainer.train()
         if run.get("probe") and not summary["preempted"]:
             average_bn_stats(trainer.model)
-            trainer.engine.eval()
+            trainer.backend.eval()
             x = probe_input(cfg.data.eval_image_size)
-            dev = trainer.engine.device
+            dev = trainer.backend.device
             with torch.no_grad():
-                raw = trainer.engine(x.to(dev)).float().cpu()
+                raw = trainer.backend(x.to(dev)).float().cpu()
                 ema = None
                 if trainer.ema is not None:
                     with trainer.ema.swapped():
-                        ema = trainer.engine(x.to(dev)).float().cpu()
+                        ema = trainer.backend(x.to(dev)).float().cpu()
             if trainer.is_main:
                 torch.save({"raw": raw, "ema": ema, "input": x}, run["probe"])
     distributed.destroy()

@@ -364,6 +364,19 @@ def stop_cluster() -> None:
 # with the same command line (--config FILE key=value ...) that slurm/_launch.sh builds.
 
 
+class _Probe:
+    """The loop's registered checkpoint part: which rank saved it at which step."""
+
+    def __init__(self, rank: int):
+        self.state = {"rank": rank, "step": 0}
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
 def job_main(argv: Optional[Sequence[str]] = None) -> int:
     """``allreduce`` mode: init the process group from the launcher's variables and all-reduce the ranks.
     ``loop`` mode: a stand-in training loop with the real CheckpointManager and PreemptionHandler: resumes,
@@ -374,8 +387,9 @@ def job_main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from pipeline import distributed
-    from pipeline.checkpoint import CheckpointManager, PreemptionHandler
+    from pipeline.checkpoint import CheckpointManager
     from pipeline.config import frozen_settings, load_config
+    from pipeline.preemption import PreemptionHandler
 
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
@@ -405,12 +419,14 @@ def job_main(argv: Optional[Sequence[str]] = None) -> int:
     sleep = float(os.environ.get("PROBE_SLEEP", "0.2"))
     mgr = CheckpointManager(cfg.checkpoint, cfg.train.run_dir, rank=rank, world_size=world,
                             settings=frozen_settings(cfg))
+    probe = _Probe(rank)
+    mgr.register("probe", probe)
     point = mgr.resolve_resume()
     start = 0
     if point is not None:
-        state = mgr.load_rank_state(point)
+        mgr.restore(point)
         start = point.step
-        assert state["probe"]["rank"] == rank and state["probe"]["step"] == start
+        assert probe.state == {"rank": rank, "step": start}
     say(f"start restart={restart} from={start} world={world}")
 
     def save_fn(directory: Path, tag: str) -> None:  # what engine.save does: every rank writes into dir/tag
@@ -420,15 +436,16 @@ def job_main(argv: Optional[Sequence[str]] = None) -> int:
     for step in range(start + 1, steps + 1):
         time.sleep(sleep)
         say(f"step {step}")
+        probe.state = {"rank": rank, "step": step}
         if handler.should_stop():
-            mgr.save(step, save_fn, {"probe": {"rank": rank, "step": step}})
+            mgr.save(step, save_fn)
             requeued = handler.requeue()
             say(f"preempted at {step} signal={handler.received.name if handler.received else None} "
                 f"requeued={requeued}")
             sys.stdout.flush()
             return 0
         if mgr.should_save(step, final=step == steps):
-            mgr.save(step, save_fn, {"probe": {"rank": rank, "step": step}})
+            mgr.save(step, save_fn)
     say(f"done {steps}")
     handler.close()
     distributed.destroy()

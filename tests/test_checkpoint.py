@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import (MARKER, CheckpointManager, PreemptionHandler, capture_rng_state, checkpoints_dir,
-                                 latest, list_checkpoints, read_marker, restore_rng_state, step_tag)
+from pipeline.checkpoint import (MARKER, CheckpointManager, capture_rng_state, checkpoints_dir, latest,
+                                 list_checkpoints, load_rank_file, read_marker, restore_rng_state, step_tag)
 from pipeline.config import CheckpointConfig, Config, ConfigError, check_resume_compatible, frozen_settings
 from pipeline.distributed import free_port
+from pipeline.preemption import PreemptionHandler
 
 
 def _ckpt_cfg(**kw) -> CheckpointConfig:
@@ -31,22 +32,47 @@ def _fake_save(directory: Path, tag: str) -> None:
     (directory / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
 
 
-def _manager(run_dir, rank=0, world_size=1, settings=None, **cfg) -> CheckpointManager:
-    return CheckpointManager(_ckpt_cfg(**cfg), run_dir, rank=rank, world_size=world_size, settings=settings,
-                             barrier=lambda: None, broadcast=lambda obj: obj)
+class _State:
+    """A registered checkpoint part holding one value; records what a world-size change hands it."""
+
+    def __init__(self, value=None):
+        self.value, self.resharded = value, None
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, state):
+        self.value = state
+
+    def load_resharded(self, states):
+        self.resharded = states
+
+
+def _manager(run_dir, rank=0, world_size=1, settings=None, loader=None, barrier=lambda: None,
+             **cfg) -> CheckpointManager:
+    """A manager with one registered part, "loader" (``mgr.parts["loader"].obj.value``)."""
+    mgr = CheckpointManager(_ckpt_cfg(**cfg), run_dir, rank=rank, world_size=world_size, settings=settings,
+                            barrier=barrier)
+    mgr.register("loader", _State(loader))
+    return mgr
+
+
+def _restored(mgr: CheckpointManager, point) -> _State:
+    mgr.restore(point)
+    return mgr.parts["loader"].obj
 
 
 def _save_all_ranks(run_dir, step, world_size, settings=None, **cfg) -> Path:
     """Save one checkpoint as `world_size` ranks would: one thread per rank, a real barrier between them."""
     if world_size == 1:
-        return _manager(run_dir, settings=settings, **cfg).save(step, _fake_save, {"loader": {"rank": 0}})
+        return _manager(run_dir, settings=settings, loader={"rank": 0}, **cfg).save(step, _fake_save)
     barrier = threading.Barrier(world_size, timeout=30)
     errors = []
 
     def rank_main(rank):
         try:
-            CheckpointManager(_ckpt_cfg(**cfg), run_dir, rank=rank, world_size=world_size, settings=settings,
-                              barrier=barrier.wait).save(step, _fake_save, {"loader": {"rank": rank}})
+            _manager(run_dir, rank, world_size, settings, loader={"rank": rank}, barrier=barrier.wait,
+                     **cfg).save(step, _fake_save)
         except BaseException as e:  # surfaced in the test thread
             errors.append(e)
             barrier.abort()
@@ -73,15 +99,15 @@ def test_tags_sort_by_step():
 
 def test_marker_is_written_last_and_holds_the_run_facts(tmp_path):
     events = []
-    mgr = CheckpointManager(_ckpt_cfg(), tmp_path, rank=0, world_size=1, settings={"model.name": "x"},
-                            barrier=lambda: events.append("barrier"), broadcast=lambda o: o)
+    mgr = _manager(tmp_path, settings={"model.name": "x"}, loader={"pos": 7},
+                   barrier=lambda: events.append("barrier"))
 
     def save_fn(directory, tag):
         assert not (directory / tag / MARKER).exists()
         events.append("save_fn")
         _fake_save(directory, tag)
 
-    path = mgr.save(500, save_fn, {"loader": {"pos": 7}}, extra={"samples_seen": 1234, "step": 999})
+    path = mgr.save(500, save_fn, extra={"samples_seen": 1234, "step": 999})
     assert path == tmp_path / "checkpoints" / "step-00000500"
     assert events == ["barrier", "save_fn", "barrier", "barrier"]
     marker = json.loads((path / MARKER).read_text())
@@ -160,7 +186,7 @@ def test_resume_modes(tmp_path):
     explicit = tmp_path / "checkpoints" / step_tag(10)
     point = _manager(tmp_path / "other_run", resume=str(explicit)).resolve_resume()
     assert point.step == 10 and point.directory == tmp_path / "checkpoints" and point.tag == step_tag(10)
-    assert not point.needs_universal
+    assert not point.world_size_changed
 
 
 def test_resume_does_not_resave_the_step_it_resumed_from(tmp_path):
@@ -223,13 +249,14 @@ def test_rng_round_trip_in_process_and_through_the_rank_file(tmp_path):
     assert _draw() == expected
 
     restore_rng_state(state)
-    path = _manager(tmp_path).save(1, None, {"loader": {"epoch": 3}})
+    path = _manager(tmp_path, loader={"epoch": 3}).save(1, None)
     after_save = _draw()
     _draw()  # move every generator on
     mgr = _manager(tmp_path)
     point = mgr.resolve_resume()
-    loaded = mgr.load_rank_state(point)
-    assert loaded["loader"] == {"epoch": 3} and loaded["rank"] == 0 and loaded["step"] == 1
+    assert _restored(mgr, point).value == {"epoch": 3}
+    saved = load_rank_file(path, 0)
+    assert saved["rank"] == 0 and saved["step"] == 1 and saved["parts"] == {"loader": {"epoch": 3}}
     assert _draw() == after_save
     assert path.name == step_tag(1)
 
@@ -238,23 +265,23 @@ def test_world_size_change_asks_for_a_universal_checkpoint(tmp_path):
     _save_all_ranks(tmp_path, 10, 2)
     mgr = _manager(tmp_path, world_size=1)
     point = mgr.resolve_resume()
-    assert point.needs_universal and point.saved_world_size == 2
-    assert "resuming a 2-rank checkpoint on 1 rank: converting to a universal checkpoint" in point.message
+    assert point.world_size_changed and point.saved_world_size == 2
+    assert "a 2-rank checkpoint on 1 rank" in point.message
     assert point.universal_path == tmp_path / "checkpoints" / f"{step_tag(10)}_universal"
-    assert mgr.load_rank_state(point) is None
-    states = mgr.load_all_rank_states(point)
-    assert [s["loader"]["rank"] for s in states] == [0, 1]
-    # Same world size: no conversion.
-    assert not _manager(tmp_path, rank=0, world_size=2).resolve_resume().needs_universal
+    part = _restored(mgr, point)
+    assert part.value is None  # no rank's own state belongs to this rank now ...
+    assert [s["rank"] for s in part.resharded] == [0, 1]  # ... the part gets every saved rank's
+    # Same world size: each rank its own.
+    assert not _manager(tmp_path, rank=0, world_size=2).resolve_resume().world_size_changed
 
 
 def test_complete_checkpoint_missing_a_rank_file_fails_clearly(tmp_path):
     path = _save_all_ranks(tmp_path, 10, 2)
     (path / "rank-00001.pt").unlink()
     point = _manager(tmp_path, rank=0, world_size=2).resolve_resume()  # rank 0 decides for everyone
-    assert _manager(tmp_path, rank=0, world_size=2).load_rank_state(point)["loader"] == {"rank": 0}
+    assert _restored(_manager(tmp_path, rank=0, world_size=2), point).value == {"rank": 0}
     with pytest.raises(ConfigError, match="lacks rank-00001.pt"):
-        _manager(tmp_path, rank=1, world_size=2).load_rank_state(point)
+        _restored(_manager(tmp_path, rank=1, world_size=2), point)
 
 
 def test_preemption_signal_sets_a_flag_only():
@@ -331,13 +358,14 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str, out: str) -
     try:
         handler = PreemptionHandler(["SIGUSR1"], rank=rank)
         mgr = CheckpointManager(_ckpt_cfg(keep_last=2), run_dir, rank=rank, world_size=world)
+        mgr.register("loader", _State({"rank": rank}))
         stopped_at = None
         for step in range(1, 20):
             if rank == 1 and step == 3:
                 os.kill(os.getpid(), signal.SIGUSR1)  # only rank 1 is told
             if handler.should_stop():
                 stopped_at = step
-                mgr.save(step, _fake_save, {"loader": {"rank": rank}})
+                mgr.save(step, _fake_save)
                 break
         point = CheckpointManager(_ckpt_cfg(), run_dir, rank=rank, world_size=world).resolve_resume()
         try:  # rank 0 decides; its refusal must reach rank 1 too instead of leaving it in the broadcast

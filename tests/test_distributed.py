@@ -149,15 +149,16 @@ def test_one_process_engine_group_destroyed_at_exit(tmp_path, subprocess_env):
     script.write_text(textwrap.dedent("""
         import atexit
         import torch.distributed as dist
-        from pipeline.engine import init_distributed
+        from pipeline.distributed import init_distributed
 
         atexit.register(lambda: print("alive at exit:", dist.is_initialized(), flush=True))
-        print(init_distributed(60), flush=True)
+        env = init_distributed(timeout_s=60, single_process_group=True)
+        print((env.rank, env.world_size, dist.get_world_size()), flush=True)
     """))
     env = {k: v for k, v in subprocess_env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "(0, 1)" in out.stdout and "alive at exit: False" in out.stdout, out.stdout + out.stderr
+    assert "(0, 1, 1)" in out.stdout and "alive at exit: False" in out.stdout, out.stdout + out.stderr
 
 
 def test_exit_process_runs_exit_handlers_flushes_and_keeps_the_code(tmp_path, subprocess_env):

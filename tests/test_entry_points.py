@@ -28,6 +28,7 @@ MODULES = {
     "pipeline.models": "summary",
     "pipeline.progressive": "stage table",
     "pipeline.engine": "to-universal",
+    "pipeline.config": "base.yaml",
     "shards": "webdataset shards",
 }
 

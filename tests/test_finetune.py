@@ -16,6 +16,7 @@ from ds_launch import child_env
 from pipeline import finetune_lib as fl
 from pipeline.config import ModelConfig
 from pipeline.export import load_export, model_from_export, save_export
+from pipeline.metrics import topk_correct
 from pipeline.models import create_model, to_timm_state_dict
 
 PY = sys.executable
@@ -179,9 +180,9 @@ def test_class_list_has_one_entry_per_class():
 
 def test_topk_and_result_table():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.15], [0.2, 0.3, 0.5]])
-    assert fl.topk_correct(logits, torch.tensor([1, 2, 0]), (1, 2)) == [1, 2]
-    assert fl.topk_correct(logits, torch.tensor([1, 2, 0]), (1, 5)) == [1, 3]  # k capped at the class count
-    table = fl.result_table({"raw": {"top1": 50.0, "top5": 100.0, "images": 8}})
+    assert topk_correct(logits, torch.tensor([1, 2, 0]), (1, 2)) == [1, 2]
+    assert topk_correct(logits, torch.tensor([1, 2, 0]), (1, 5)) == [1, 3]  # k capped at the class count
+    table = fl.result_table({"raw": {"top1": 50.0, "top5": 100.0, "samples": 8}})
     assert "raw" in table and "50.00" in table and "100.00" in table
 
 
@@ -308,7 +309,7 @@ def test_finetune_one_process_learns_and_exports(full_run):
     m = _metrics(run)
     assert m["step"] == 24 and m["num_classes"] == 4
     for w in ("raw", "ema"):
-        assert m["results"][w]["images"] == 48
+        assert m["results"][w]["samples"] == 48
     assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 60.0, m  # chance: 25 %
     assert "top-1" in res.stdout  # the printed table
     model, meta = model_from_export(run / "export")
@@ -339,7 +340,7 @@ def test_resume_continues_from_saved_step(tmp_path, repo_root, subprocess_env, t
 
 @pytest.mark.slow
 def test_init_from_deepspeed_checkpoint_equals_its_export(tmp_path, pretrain_run, capsys):
-    from pipeline.trainer import export_checkpoint
+    from pipeline.export import export_checkpoint
 
     export = export_checkpoint(pretrain_run, ema=True, out_dir=tmp_path / "export")
     target = fl.normalize_classes([{"index": i, "wnid": w, "name": w} for i, w in enumerate(COLOURS)])
@@ -370,7 +371,7 @@ def test_finetune_two_processes_from_deepspeed_checkpoint(tmp_path, repo_root, s
     assert "seeded 4 of 4 classifier rows" in res.stdout
     m = _metrics(run)
     assert m["step"] == 24 and m["init_kind"] == "deepspeed"
-    assert m["results"]["raw"]["images"] == 48  # every test image once across the two processes
+    assert m["results"]["raw"]["samples"] == 48  # every test image once across the two processes
     assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 60.0, m
     ranks = sorted(p.name for p in (run / "checkpoints").glob("step-*/rank-*.pt"))
     assert ranks == ["rank-00000.pt"] * 2 + ["rank-00001.pt"] * 2  # per-rank loader / RNG state, 2 checkpoints
@@ -389,10 +390,12 @@ def test_datasets_dataset_trains_without_shards(tmp_path, repo_root, subprocess_
         "progressive.enabled": "true", "progressive.num_stages": 2, "progressive.min_image_size": 32,
         "progressive.min_randaug": 0, "progressive.max_randaug": 2, "progressive.min_dropout": 0.0,
         "progressive.max_dropout": 0.1, "progressive.stage_micro_batch": "[16,8]"}))
-    assert "stage 0: 32px, RandAugment 0, mixup 0, cutmix 0, dropout 0, 16 x 1 x 2 images per step" in res.stdout
-    assert "stage 1: 48px, RandAugment 2, mixup 0, cutmix 0, dropout 0.1, 8 x 1 x 4 images per step" in res.stdout
+    assert ("stage 1/2: steps 0-11, image 32px, RandAugment 0, mixup 0, cutmix 0, dropout 0, micro-batch 16 x 2 "
+            "accumulation x 1 ranks") in res.stdout
+    assert ("stage 2/2: steps 12-23, image 48px, RandAugment 2, mixup 0, cutmix 0, dropout 0.1, micro-batch 8 x 4 "
+            "accumulation x 1 ranks") in res.stdout
     m = _metrics(run)
-    assert m["split"] == "test" and m["results"]["raw"]["images"] == 32
+    assert m["split"] == "test" and m["results"]["raw"]["samples"] == 32
     assert max(m["results"]["raw"]["top1"], m["results"]["ema"]["top1"]) > 60.0, m
     assert not list(tmp_path.rglob("*.tar"))
 
@@ -413,7 +416,7 @@ def test_preemption_signal_saves_and_exits_zero(tmp_path, module_env, transfer, 
     try:
         for line in proc.stdout:  # the handler is installed before the stage line is printed
             out.append(line)
-            if "stage 0:" in line:
+            if "stage 1/1:" in line:
                 time.sleep(1.0)
                 proc.send_signal(signal.SIGUSR1)
                 break
@@ -423,7 +426,7 @@ def test_preemption_signal_saves_and_exits_zero(tmp_path, module_env, transfer, 
             proc.kill()
     text = "".join(out)
     assert proc.returncode == 0, text[-4000:]
-    assert "preempted: checkpoint at step" in text
+    assert "preemption signal: checkpoint at step" in text
     from pipeline.checkpoint import list_checkpoints
 
     done = list_checkpoints(run)
@@ -489,7 +492,7 @@ def test_two_process_resume_with_loader_workers_is_exact(cut, tmp_path, module_e
             launch.wait_for(lambda: launch.logged_steps(run) >= SIGNAL_AFTER, proc, 300, f"step {SIGNAL_AFTER}",
                             poll=0.05)
             out = launch.preempt(proc)  # accelerate launch runs torchrun's agent in its own process
-            assert "preempted: checkpoint at step" in out
+            assert "preemption signal: checkpoint at step" in out
             resumed_from = latest(run)
             assert SIGNAL_AFTER <= resumed_from < KILL_AFTER, resumed_from
     finally:

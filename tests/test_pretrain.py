@@ -55,7 +55,7 @@ def test_zero_stages_two_ranks_loss_falls_ema_export_tensorboard(shards, tmp_pat
         assert summary["eval"]["raw"]["samples"] == 40  # every validation image once across the 2 ranks
 
     # EMA under ZeRO-2 and ZeRO-3 on the same data: the same EMA weights (up to reduction order)
-    from pipeline.trainer import export_checkpoint
+    from pipeline.export import export_checkpoint
 
     for z in (2, 3):
         export_checkpoint(tmp_path / f"z{z}", ema=True, out_dir=tmp_path / f"ema{z}")

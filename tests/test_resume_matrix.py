@@ -96,7 +96,7 @@ def straight(shards, tmp_path_factory) -> dict[tuple[int, int], Path]:
 
 def _exported(run_dir: Path, out: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The final checkpoint's raw and EMA weights, each consolidated by the export (ZeRO-3 EMA shards too)."""
-    from pipeline.trainer import export_checkpoint
+    from pipeline.export import export_checkpoint
 
     return {kind: load_file(str(export_checkpoint(run_dir, ema=kind == "ema", out_dir=out / kind)
                                 / "model.safetensors")) for kind in ("raw", "ema")}

@@ -100,7 +100,7 @@ def test_trainer_step_is_the_same_after_a_loader_restart_and_an_eval(demo_shards
         try:
             st = tr.schedule.stage_at(0)
             tr._enter_stage(st)
-            tr.engine.train()
+            tr.backend.train()
             first = tr.train_step(st, 1e-3)
             if restart:
                 tr.loader.set_stage(st)  # what a resume does: the readers start again at the same position
