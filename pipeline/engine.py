@@ -62,7 +62,7 @@ from torch import nn
 from pipeline import distributed
 from pipeline.backend import grad_norm, resolve_precision
 from pipeline.checkpoint import ResumePoint
-from pipeline.config import ConfigError, OptimConfig, TrainConfig
+from pipeline.config import ConfigError, OptimConfig, TrainConfig, check_deepspeed_passthrough
 from pipeline.optim import accumulation_steps, build_optimizer, set_lr
 
 log = logging.getLogger(__name__)
@@ -101,19 +101,6 @@ def _deep_merge(base: dict, extra: Mapping, path: str = "deepspeed") -> dict:
     return out
 
 
-# Keys our sections own; the deepspeed: pass-through section may not set them.
-_RESERVED = {
-    "train_batch_size": "train.global_batch_size",
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.global_batch_size / train.micro_batch_size",
-    "gradient_clipping": "optim.clip_grad_norm",
-    "bf16": "train.precision",
-    "fp16": "train.precision",
-    "optimizer": "optim.*",
-    "scheduler": "optim.schedule",
-}
-
-
 def build_ds_config(train: TrainConfig, optim: OptimConfig, passthrough: Optional[Mapping[str, Any]] = None, *,
                     micro_batch_size: int, world_size: int, device_type: str,
                     load_universal: bool = False) -> dict:
@@ -128,23 +115,12 @@ def build_ds_config(train: TrainConfig, optim: OptimConfig, passthrough: Optiona
         load_universal: the engine will load a universal checkpoint (a run resumed on another rank count).
     """
     passthrough = dict(passthrough or {})
-    clash = sorted(set(passthrough) & set(_RESERVED))
-    if clash:
-        raise ConfigError("deepspeed: " + "; ".join(f"'{k}' comes from {_RESERVED[k]}" for k in clash)
-                          + " (one source of truth); remove it from the deepspeed: section")
-    stage = passthrough.get("zero_optimization", {}).get("stage", train.zero_stage)
-    if stage != train.zero_stage:
-        raise ConfigError(f"deepspeed.zero_optimization.stage={stage} disagrees with train.zero_stage="
-                          f"{train.zero_stage}; set train.zero_stage only")
-    if train.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage: {train.zero_stage} is not 0, 1, 2 or 3")
+    check_deepspeed_passthrough(passthrough, train.zero_stage)  # a raw dict here, not necessarily a Config's
     if optim.name == "lamb" and train.zero_stage > 0:
         raise ConfigError("optim.name=lamb with train.zero_stage>0: LAMB scales each weight tensor by its own "
                           "trust ratio, but ZeRO hands the optimizer one flat partition per param group, which "
                           "would silently change the algorithm. Use train.zero_stage=0, or optim.name=adamw / "
                           "rmsprop_tf")
-    if optim.clip_grad_norm < 0:
-        raise ConfigError(f"optim.clip_grad_norm: must be >= 0 (0 disables), got {optim.clip_grad_norm}")
     gas = accumulation_steps(train.global_batch_size, micro_batch_size, world_size)
 
     cfg: dict[str, Any] = {
@@ -178,8 +154,6 @@ def build_ds_config(train: TrainConfig, optim: OptimConfig, passthrough: Optiona
         cfg["bf16"] = {"enabled": True}
         # DeepSpeed casts parameters only; BatchNorm needs its running statistics in the weights' dtype
         cfg["data_types"] = {"buffer_dtype": "bf16"}
-    elif precision != "fp32":
-        raise ConfigError(f"train.precision: '{train.precision}' is not auto / fp32 / bf16 / bf16_weights")
     if load_universal:
         cfg["checkpoint"] = {"load_universal": True}
     return _deep_merge(cfg, passthrough)

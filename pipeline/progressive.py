@@ -46,9 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.config import ConfigError, ProgressiveConfig, TrainConfig
+from pipeline.config import ConfigError, ProgressiveConfig, TrainConfig, choices
 
-PRESETS = ("paper", "official")
+PRESETS = choices(ProgressiveConfig, "preset")
 
 # ImageNet training-set sizes, for previewing a schedule when the shards are not on this machine.
 KNOWN_TRAIN_SAMPLES = {"in21k": 12_720_000, "in1k": 1_281_167}
@@ -157,8 +157,6 @@ class StageSchedule:
         ``default_dropout`` is the dropout used when progressive learning is disabled (the trainer passes the
         model's dropout); None falls back to ``cfg.max_dropout``.
         """
-        if cfg.preset not in PRESETS:
-            raise ConfigError(f"progressive.preset: '{cfg.preset}' is not 'paper' or 'official'")
         if total_steps < 1:
             raise ConfigError(f"total steps is {total_steps}; set train.total_steps, or train.epochs with a "
                               "dataset whose info.json gives the sample count")
@@ -175,15 +173,10 @@ class StageSchedule:
                           micro_batch_size=micro[-1] if micro else None)
             return cls([stage], total_steps)
 
-        m = cfg.num_stages
-        if m < 1:
-            raise ConfigError("progressive.num_stages: must be at least 1")
+        m = cfg.num_stages  # the section checked m >= 1 and one micro-batch per stage (or none)
         if total_steps < m:
             raise ConfigError(f"train.total_steps ({total_steps}) is smaller than progressive.num_stages ({m}); "
                               "every stage needs at least one step")
-        if micro and len(micro) != m:
-            raise ConfigError(f"progressive.stage_micro_batch has {len(micro)} entries for {m} stages; "
-                              "give one per stage or none")
         stages = []
         for i in range(m):
             # Position of stage i on the min..max line for values that reach max in the last stage.

@@ -223,8 +223,7 @@ class Trainer:
 
         # The loader first: the dataset size decides the epoch length and, with train.epochs, the run length.
         # It starts on a provisional stage; the real one is set before the first batch (_enter_stage).
-        provisional = Stage(index=0, start_step=0, end_step=1, image_size=cfg.progressive.min_image_size,
-                            randaug=0.0, mixup=0.0, cutmix=0.0, dropout=0.0, drop_path=None, micro_batch_size=None)
+        provisional = Stage(index=0, start_step=0, end_step=1, image_size=cfg.progressive.min_image_size)
         self.loader = build_train_loader(d, stage=provisional, micro_batch_size=t.micro_batch_size,
                                          num_classes=cfg.model.num_classes, label_smoothing=t.label_smoothing,
                                          seed=t.seed, rank=self.rank, world_size=self.world_size)

@@ -16,6 +16,7 @@ import torch
 import pretrain_launch as launch
 from pipeline.checkpoint import latest, read_marker
 from pipeline.config import ConfigError, load_config
+from pipeline.distributed import free_port
 from pipeline.export import model_from_export
 
 REPO = launch.REPO
@@ -185,3 +186,29 @@ def test_trains_on_gpu_with_bf16_autocast_and_channels_last(shards, tmp_path):
     probe = torch.load(tmp_path / "p.pt")
     assert torch.isfinite(probe["raw"]).all() and torch.isfinite(probe["ema"]).all()
     assert json.loads((run / "summary.json").read_text())["step"] == 24
+
+
+def test_control_plane_collectives_use_the_gloo_control_group(shards, tmp_path):
+    """2 ranks: the preemption flag, the log reductions (loss, bad samples), the evaluation counts and the
+    checkpoint barriers / resume decision go over the trainer's own gloo group with CPU tensors (on GPUs: no
+    CUDA tensor and .item() per step for them); the step's data plane is DeepSpeed's."""
+    out = tmp_path / "calls.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(REPO / "tests" / "control_group_worker.py"), launch.CONFIG, str(out),
+           *_overrides(shards, tmp_path / "run", "train.total_steps=4", "train.log_every=1",
+                       "checkpoint.every_steps=2", "progressive.num_stages=1", "train.zero_stage=2")]
+    res = subprocess.run(cmd, env=launch.env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    seen = json.loads(out.read_text())
+    assert seen["control_is_group"] and seen["control_backend"] == "gloo" and seen["steps"] == 4
+    by_caller: dict[str, list[dict]] = {}
+    for call in seen["calls"]:
+        by_caller.setdefault(call["caller"], []).append(call)
+    for caller in ("preemption.py:should_stop", "trainer.py:_log_step", "trainer.py:_run_eval",
+                   "checkpoint.py:_barrier"):
+        calls = by_caller.get(caller)
+        assert calls, f"no collective from {caller}: {sorted(by_caller)}"
+        assert all(c["control"] for c in calls), f"{caller} used another group: {calls[:3]}"
+        assert all(c["device"] in (None, "cpu") for c in calls), calls[:3]
+    assert len(by_caller["preemption.py:should_stop"]) == 4  # one flag per step
+    assert len(by_caller["trainer.py:_log_step"]) == 4  # log_every=1
