@@ -510,3 +510,21 @@ def test_two_process_resume_with_loader_workers_is_exact(cut, tmp_path, module_e
         assert wa[kind].keys() == wb[kind].keys()
         for k in wa[kind]:
             assert torch.equal(wa[kind][k], wb[kind][k]), f"final {kind} weights differ: {k}"
+
+
+@pytest.mark.slow
+def test_pretraining_and_finetuning_log_the_same_tensorboard_tags(pretrain_run, full_run):
+    """One trainer, one set of tags: a DeepSpeed pretraining run and an accelerate fine-tuning run (both with
+    EMA, stochastic depth and one stage) write the same scalar, image and text tags."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def tags(run: Path) -> dict[str, set[str]]:
+        acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+        acc.Reload()
+        return {kind: set(acc.Tags()[kind]) for kind in ("scalars", "images", "tensors")}
+
+    pre, fine = tags(pretrain_run), tags(full_run[0])
+    assert {"train/loss", "train/grad_norm", "perf/images_per_s", "eval/ema_top1"} <= pre["scalars"]
+    for kind in pre:
+        assert pre[kind] == fine[kind], (f"{kind}: only in pretraining {sorted(pre[kind] - fine[kind])}, only in "
+                                         f"fine-tuning {sorted(fine[kind] - pre[kind])}")
