@@ -1,7 +1,8 @@
-"""Fine-tuning step time: pipeline.finetune's step against a plain PyTorch loop on the same model and batches.
+"""Fine-tuning step time: the trainer's step on the accelerate backend against a plain PyTorch loop.
 
-Ours is ``Finetune._train_step`` itself (accelerate-prepared model and optimizer, lr written from the step,
-soft-target loss, no_sync gradient accumulation, EMA update of weights and BN statistics); the baseline is
+Ours is ``Trainer.train_step`` itself on :class:`pipeline.accel.AccelerateBackend` (accelerate-prepared model and
+optimizer, lr written from the step, soft-target loss, no_sync gradient accumulation, the gradient norm, EMA
+update of weights and BN statistics), what ``accelerate launch -m pipeline.finetune`` runs; the baseline is
 forward + the same loss + backward + the same optimizer step, nothing else. A third variant is ours without
 the EMA, to separate the EMA's cost from accelerate's. All get the same batches (fed from memory, so the loader
 is not measured), the same optimizer (RMSProp-TF) and seed; the variants alternate step by step so machine
@@ -41,15 +42,16 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=100)
     args = ap.parse_args()
 
-    from accelerate import Accelerator
-
-    from pipeline.data.mixing import one_hot_targets
-    from pipeline.losses import soft_cross_entropy
+    from pipeline.accel import AccelerateBackend
     from pipeline.config import load_config
+    from pipeline.data.mixing import one_hot_targets
     from pipeline.ema import ModelEMA
-    from pipeline.finetune import Finetune
+    from pipeline.losses import soft_cross_entropy
+    from pipeline.metrics import StageAccounting, Throughput
     from pipeline.models import create_model
     from pipeline.optim import build_optimizer
+    from pipeline.progressive import Stage
+    from pipeline.trainer import Counters, Trainer
 
     cfg = load_config(None, [f"model.name={args.model}", "optim.name=rmsprop_tf", "optim.lr_per_256=0.0005",
                              f"train.global_batch_size={args.batch * args.accum}",
@@ -76,24 +78,21 @@ def main() -> None:
         base_opt.step()
         base_opt.zero_grad(set_to_none=True)
 
-    # ours: the real step method on an object holding what _setup would give it
+    # ours: the real step method on a trainer holding what its __init__ would give it
     torch.manual_seed(0)
-    ft = Finetune.__new__(Finetune)
-    ft.cfg = cfg
-    ft.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
-    model = create_model(args.model, num_classes=k).train()
-    ft.model, ft.optimizer = ft.acc.prepare(model, build_optimizer(cfg.optim, model, cfg.train.global_batch_size))
-    ft.net = ft.acc.unwrap_model(ft.model)
-    ft.ema = ModelEMA(ft.net, cfg.ema.decay, tf_warmup=cfg.ema.tf_warmup)
-    ft.accum = args.accum
-    ft.lr_fn = lambda step: 1e-3
-    ft.loader = _Batches(batches)
-
-    ema = ft.ema
+    tr = Trainer.__new__(Trainer)
+    tr.cfg, tr.world_size, tr.counters, tr._grid_pending = cfg, 1, Counters(), False
+    tr.accounting, tr.throughput = StageAccounting(), Throughput()
+    tr.accounting.start(0, s)
+    tr.backend = AccelerateBackend(cfg.train, cfg.optim).prepare(create_model(args.model, num_classes=k).train(),
+                                                                  args.batch)
+    tr.ema = ema = ModelEMA(tr.backend.module, cfg.ema.decay, tf_warmup=cfg.ema.tf_warmup)
+    tr.loader = _Batches(batches)
+    stage = Stage(index=0, start_step=0, end_step=10**9, image_size=s)
 
     def ours(with_ema: bool, step: int) -> None:
-        ft.ema = ema if with_ema else None
-        ft._train_step(step)
+        tr.ema = ema if with_ema else None
+        tr.train_step(stage, 1e-3)
 
     variants = (("plain", base_step), ("ours, no EMA", lambda: ours(False, rep)), ("ours", lambda: ours(True, rep)))
     times = {n: [] for n, _ in variants}
