@@ -202,11 +202,7 @@ class Trainer:
     """Builds everything from a Config and a recipe; ``train()`` runs to the end or to a preemption and returns a
     summary."""
 
-    def __init__(self, cfg: Config, recipe: Optional[Recipe] = None):
-        if recipe is None:
-            from pipeline.pretrain import Pretrain
-
-            recipe = Pretrain()
+    def __init__(self, cfg: Config, recipe: Recipe):
         self.cfg, self.recipe = cfg, recipe
         t, d = cfg.train, cfg.data
         self.run_dir = Path(t.run_dir)

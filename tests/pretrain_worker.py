@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import distributed  # noqa: E402
 from pipeline.bn import average_bn_stats  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.pretrain import Pretrain  # noqa: E402
 from pipeline.trainer import Trainer  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -37,7 +38,7 @@ def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
     for run in spec["runs"]:
         cfg = load_config(spec["config"], run["overrides"])
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, Pretrain())
         summary = trainer.train()
         if run.get("probe") and not summary["preempted"]:
             average_bn_stats(trainer.model)

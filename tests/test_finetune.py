@@ -436,17 +436,21 @@ def test_preemption_signal_saves_and_exits_zero(tmp_path, module_env, transfer, 
 
 # ------------------------------------------------------------------------------------------ exact resume, 2 processes
 
-# 2 processes, a loader worker each, dropout and stochastic depth on, a checkpoint every 7 of 35 steps. Cut by
-# kill -9 right after the step-21 checkpoint, or by SIGUSR1 once step 16 is logged (saved at the next step);
-# the rerun must log every loss of the uninterrupted run and end with its weights, bit for bit.
-RESUME_STEPS, RESUME_EVERY, KILL_AFTER, SIGNAL_AFTER = 35, 7, 21, 16
+# The accelerate backend's part of the resume matrix: 2 processes, a loader worker each, dropout and stochastic
+# depth on, 2 progressive stages (32 px with micro-batch 8, then 48 px with micro-batch 4: 2 accumulation steps
+# under no_sync), a checkpoint every 7 of 35 steps and at the stage boundary (17). Cut by kill -9 right after
+# the step-21 checkpoint (mid-stage) or the step-17 one (the boundary), or by SIGUSR1 once step 16 is logged
+# (saved at the next step); the rerun must log every loss of the uninterrupted run and end with its weights,
+# bit for bit.
+RESUME_STEPS, RESUME_EVERY, KILL_AFTER, BOUNDARY, SIGNAL_AFTER = 35, 7, 21, 17, 16
 
 
 def _resume_overrides(run: Path, transfer: Path, pretrained: Path) -> list[str]:
     return _overrides(run, transfer, pretrained, **{
         "train.total_steps": RESUME_STEPS, "checkpoint.every_steps": RESUME_EVERY, "checkpoint.keep_last": 3,
         "train.log_every": 1, "data.workers": 1, "model.drop_rate": 0.3, "train.global_batch_size": 16,
-        "train.micro_batch_size": 8})
+        "train.micro_batch_size": 8, "progressive.enabled": "true", "progressive.num_stages": 2,
+        "progressive.min_image_size": 32, "progressive.stage_micro_batch": "[8,4]"})
 
 
 @pytest.fixture(scope="module")
@@ -467,7 +471,7 @@ def _final_weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cut", ["kill9_mid", "preempt_mid"])
+@pytest.mark.parametrize("cut", ["kill9_mid", "kill9_boundary", "preempt_mid"])
 def test_two_process_resume_with_loader_workers_is_exact(cut, tmp_path, module_env, transfer, pretrained,
                                                          straight_two):
     import pretrain_launch as launch
@@ -478,16 +482,17 @@ def test_two_process_resume_with_loader_workers_is_exact(cut, tmp_path, module_e
     proc = subprocess.Popen(_launch_cmd(over, 2), cwd=REPO, env=module_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        if cut == "kill9_mid":
-            marker = run / "checkpoints" / step_tag(KILL_AFTER)
-            launch.wait_for(lambda: read_marker(marker) is not None, proc, 300, f"the step-{KILL_AFTER} checkpoint",
+        if cut.startswith("kill9"):
+            target = KILL_AFTER if cut == "kill9_mid" else BOUNDARY
+            marker = run / "checkpoints" / step_tag(target)
+            launch.wait_for(lambda: read_marker(marker) is not None, proc, 300, f"the step-{target} checkpoint",
                             poll=0.05)
             launch.kill9(proc)
             for c in list_checkpoints(run, include_incomplete=True):  # "right after": as if no later one began
-                if c.step > KILL_AFTER:
+                if c.step > target:
                     shutil.rmtree(c.path)
             resumed_from = latest(run)
-            assert resumed_from == KILL_AFTER
+            assert resumed_from == target
         else:
             launch.wait_for(lambda: launch.logged_steps(run) >= SIGNAL_AFTER, proc, 300, f"step {SIGNAL_AFTER}",
                             poll=0.05)

@@ -52,9 +52,6 @@ ONLY_IMPORTERS = {
 # Edges the map refuses that the code has today, (importer, imported) -> why. Each is left out of the cycle check
 # too. The goal is none: when the code no longer has the edge, test_exceptions_are_still_needed asks to delete it.
 EXCEPTIONS = {
-    ("pipeline.trainer", "pipeline.pretrain"):
-        "Trainer(cfg) without a recipe builds Pretrain() (a lazy import in Trainer.__init__): the trainer reaches up "
-        "into a recipe, and pipeline.pretrain imports the trainer, a cycle",
     ("pipeline.progressive", "pipeline.data.shards"):
         "the `python -m pipeline.progressive` preview counts the training samples in info.json (lazy imports): the "
         "stage table that the loader imports reaches up into the data layer, a cycle through "

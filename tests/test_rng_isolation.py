@@ -84,6 +84,7 @@ def test_trainer_step_is_the_same_after_a_loader_restart_and_an_eval(demo_shards
     between the steps gives the loss, weights and generator state of step 2 without them."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     from pipeline.config import load_config
+    from pipeline.pretrain import Pretrain
     from pipeline.trainer import Trainer
 
     def build(name: str) -> Trainer:
@@ -92,7 +93,7 @@ def test_trainer_step_is_the_same_after_a_loader_restart_and_an_eval(demo_shards
                            "train.global_batch_size=8", "train.micro_batch_size=8", "train.total_steps=8",
                            "progressive.max_dropout=0.5", "progressive.min_dropout=0.5", "eval.micro_batch_size=4",
                            "train.zero_stage=2"])
-        return Trainer(cfg)
+        return Trainer(cfg, Pretrain())
 
     results = []
     for restart in (False, True):
