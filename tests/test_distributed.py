@@ -118,6 +118,49 @@ def test_two_process_gloo_group(tmp_path, subprocess_env):
         assert f"ok {rank}" in out
 
 
+def test_rank0_decides_and_every_rank_raises_its_error(tmp_path, subprocess_env):
+    """on_rank0: only rank 0 runs the function; every rank gets its result, or raises rank 0's exception with
+    its own type and message (a FileNotFoundError stays one; an exception that does not pickle arrives as a
+    RuntimeError naming it); the control group is a gloo group of its own."""
+    script = tmp_path / "w.py"
+    script.write_text(textwrap.dedent("""
+        import torch.distributed as dist
+        from pipeline import distributed as D
+
+        class Odd(Exception):
+            def __init__(self, a, b):  # pickles, but cannot be rebuilt from its args
+                super().__init__(f"{a}-{b}")
+
+        env = D.init_distributed("gloo", timeout_s=60)
+        r = env.rank
+        group = D.control_group()
+        assert group is not None and group is not dist.group.WORLD and dist.get_backend(group) == "gloo"
+        assert D.control_group() is group
+        ran = []
+        assert D.on_rank0(lambda: ran.append(r) or "decided") == "decided"
+        assert ran == ([0] if r == 0 else [])
+
+        def fail():
+            raise FileNotFoundError("checkpoint folder /x does not exist")
+
+        for fn, want in ((fail, FileNotFoundError), (lambda: (_ for _ in ()).throw(Odd(1, 2)), (Odd, RuntimeError))):
+            try:
+                D.on_rank0(fn)
+            except Exception as e:
+                assert isinstance(e, want[r] if isinstance(want, tuple) else want), (r, type(e))
+                print(r, type(e).__name__, str(e), flush=True)
+            else:
+                raise AssertionError("no error")
+        D.destroy()
+        print("ok", r)
+    """))
+    results = _two_ranks(script, subprocess_env)
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 0, out + err
+        assert f"{rank} FileNotFoundError checkpoint folder /x does not exist" in out and f"ok {rank}" in out
+    assert "1 RuntimeError rank 0 failed: Odd: 1-2" in results[1][1]
+
+
 def test_groups_destroyed_at_exit_without_explicit_destroy(tmp_path, subprocess_env):
     """A run that ends without calling destroy() still tears its groups down before the interpreter finalises.
 
