@@ -16,6 +16,10 @@ The runs: tiny_cpu (3 progressive stages of 15 steps: 32 / 48 / 64 px, RandAugme
 - ``preempt_mid``: SIGUSR1 to the ranks once step 23 is logged: all save at the next step, exit 0 (SLURM:
   rank 0 requeues the job), and the rerun (the requeued job) continues;
 - ``kill9_boundary``: kill -9 right after the stage-boundary checkpoint at step 30.
+
+These are the DeepSpeed backend's cases (pretraining). The accelerate backend's (fine-tuning, 2 processes with a
+loader worker each, 2 stages with an accumulation change: kill -9 mid-stage and at the boundary, SIGUSR1) are
+``test_two_process_resume_with_loader_workers_is_exact`` in tests/test_finetune.py; both run the same trainer.
 """
 
 from __future__ import annotations
