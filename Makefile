@@ -8,8 +8,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+LINT_PATHS := pipeline shards tests bench
 
-.PHONY: setup sysdeps test test-fast demo demo-compare bench clean
+.PHONY: setup sysdeps lint test test-fast demo demo-compare bench clean
 
 setup: $(STAMP)
 
@@ -33,7 +34,13 @@ sysdeps:
 	  echo "warning: could not install slurm-wlm / munge; the SLURM tests will be skipped"; \
 	fi
 
+# ruff reads its settings from pyproject.toml ([tool.ruff]); lint only, the code is not reformatted
+lint: setup
+	$(BIN)/ruff check $(LINT_PATHS)
+
+# a lint error fails the target before any test runs
 test: setup sysdeps
+	$(BIN)/ruff check $(LINT_PATHS)
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
@@ -49,4 +56,4 @@ bench: setup
 	DS_ACCELERATOR=cpu $(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

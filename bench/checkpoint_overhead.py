@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, port: int, args, root: str, queue) -> None:
     position = {"position": 0}
     mgr.register("loader", _Loader(position))
     save_fn(base_dir, "warmup")  # first writes into a fresh folder are slower: not part of either figure
-    for rep in range(args.repeats):
+    for _ in range(args.repeats):
         out["allreduce"].append(_time_calls(lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX), args.calls))
         out["should_stop"].append(_time_calls(handler.should_stop, args.calls))
         local = _time_calls(lambda: handler.received is not None, args.calls)

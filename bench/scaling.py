@@ -100,7 +100,7 @@ def run_once(args, shards: Path, ranks: int, run_dir: Path, log: Path) -> dict:
                 proc.wait(40)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            raise RuntimeError(f"{ranks}-rank run did not finish within --timeout {args.timeout}s; see {log}")
+            raise RuntimeError(f"{ranks}-rank run did not finish within --timeout {args.timeout}s; see {log}") from None
         except BaseException:  # Ctrl-C or a signal: stop the run before leaving
             proc.terminate()
             proc.wait(40)

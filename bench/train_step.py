@@ -67,9 +67,9 @@ def build_variants(args, images: torch.Tensor, targets: torch.Tensor) -> list[Va
     from pipeline.config import OptimConfig, TrainConfig
     from pipeline.ema import ModelEMA
     from pipeline.engine import Engine
+    from pipeline.losses import soft_cross_entropy
     from pipeline.models import create_model
     from pipeline.optim import build_optimizer, lr_schedule, set_lr
-    from pipeline.losses import soft_cross_entropy
 
     batch = images.shape[0]
     optim_cfg = OptimConfig(name="rmsprop_tf", lr_per_256=0.016, weight_decay=1e-5, warmup_steps=5)

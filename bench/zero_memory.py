@@ -134,7 +134,7 @@ def worker(args) -> None:
                 hook = None
                 if step == 1 and i == engine.grad_accum_steps - 1:
                     # inside the boundary backward: ZeRO-1/2 reduction buckets exist only then
-                    def in_backward(grad):
+                    def in_backward(grad, engine=engine, measured=measured):  # this step's engine
                         measured["backward"] = measure(engine)
                         return grad
                     hook = first.register_hook(in_backward)

@@ -33,9 +33,9 @@ import contextlib
 from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
-from pipeline import distributed
 from torch import nn
 
+from pipeline import distributed
 from pipeline.bn import all_reduce_mean_
 
 __all__ = ["ModelEMA", "ema_decay", "unwrap"]

@@ -82,7 +82,7 @@ DEFAULT_REDUCE_BUCKET = 25_000_000
 def _deepspeed():
     """Import DeepSpeed lazily: importing it costs seconds and probes the accelerator, which tools that only
     build configs (tests, config printing) do not need."""
-    import deepspeed
+    import deepspeed  # noqa: PLC0415 - deepspeed: probes the accelerator on import
 
     return deepspeed
 
@@ -551,7 +551,7 @@ def consolidate_fp32_state_dict(ckpt_dir: str | os.PathLike, tag: str) -> dict[s
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     if saved_zero_stage(ckpt_dir, tag) > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415 - deepspeed
 
         with contextlib.redirect_stdout(sys.stderr):  # it prints progress on stdout
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)

@@ -16,6 +16,7 @@ from torch import nn
 
 from pipeline.checkpoint import CHECKPOINTS, checkpoints_dir, latest, tag_step
 from pipeline.config import ConfigError, DataConfig, ModelConfig, load_config, model_options
+from pipeline.data.hf import HFSource  # imports datasets only when it opens a dataset
 from pipeline.data.shards import load_split
 from pipeline.export import ExportError, export_checkpoint, is_export, load_export
 from pipeline.models import create_model, load_timm_state_dict, strip_prefixes
@@ -63,8 +64,6 @@ class DataInfo:
 def describe_train_data(cfg: DataConfig) -> DataInfo:
     """Class list and size of the training data: shard folders (info.json) or a datasets dataset."""
     if cfg.hf_dataset:
-        from pipeline.data.hf import HFSource  # imports datasets
-
         src = HFSource.from_config(cfg, cfg.hf_train_split)
         return DataInfo(class_list(src.classes, int(src.num_classes)), int(src.num_classes), len(src),
                         f"{cfg.hf_dataset} [{cfg.hf_train_split}]")

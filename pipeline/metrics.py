@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from torchvision.utils import make_grid
 
 
 class Throughput:
@@ -78,8 +79,8 @@ class MetricsLogger:
         self.bar = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - tensorboard: the main process only
+        from tqdm.auto import tqdm  # noqa: PLC0415 - tqdm: progress bar, main process only
 
         self.tb_dir = self.run_dir / subdir
         self.writer = SummaryWriter(log_dir=str(self.tb_dir))
@@ -98,8 +99,6 @@ class MetricsLogger:
         """Log de-normalised augmented training images (B, C, H, W) as one grid."""
         if not self.enabled:
             return
-        from torchvision.utils import make_grid
-
         x = images[: nrow * 2].detach().float().cpu()
         x = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
         self.writer.add_image(tag, make_grid(x.clamp(0, 1), nrow=nrow), step)

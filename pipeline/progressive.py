@@ -42,49 +42,17 @@ import argparse
 import bisect
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.config import ConfigError, ProgressiveConfig, TrainConfig, choices
+from pipeline.config import ConfigError, ProgressiveConfig, TrainConfig, choices, load_config
+from pipeline.data.protocol import Stage  # the loader's input; defined with the reader -> loader protocol
+from pipeline.data.shards import DataError, is_url, load_split
 
 PRESETS = choices(ProgressiveConfig, "preset")
 
 # ImageNet training-set sizes, for previewing a schedule when the shards are not on this machine.
 KNOWN_TRAIN_SAMPLES = {"in21k": 12_720_000, "in1k": 1_281_167}
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One progressive-learning stage: the steps it covers and the values that hold during it.
-
-    Also what the training loader takes (image_size, randaug, mixup, cutmix, micro_batch_size); the defaults
-    make a plain stage: ``Stage(index=0, start_step=0, end_step=1, image_size=224)`` has no RandAugment, no
-    mixing, no dropout, the model's drop-path and train.micro_batch_size.
-    """
-
-    index: int
-    start_step: int
-    """First step of the stage (inclusive)."""
-    end_step: int
-    """First step after the stage (exclusive)."""
-    image_size: int
-    randaug: float = 0.0
-    """RandAugment magnitude on the 0-10 scale (above 10: stronger than nominal); 0 disables RandAugment."""
-    mixup: float = 0.0
-    """Mixup alpha (0 disables)."""
-    cutmix: float = 0.0
-    """CutMix alpha (0 disables)."""
-    dropout: float = 0.0
-    """Dropout before the classifier."""
-    drop_path: Optional[float] = None
-    """Stochastic-depth rate, or None: the model's own drop_path_rate holds."""
-    micro_batch_size: Optional[int] = None
-    """Per-rank micro-batch size for this stage, or None: train.micro_batch_size."""
-
-    @property
-    def num_steps(self) -> int:
-        return self.end_step - self.start_step
 
 
 # Per-variant ranges: (image size, RandAugment, mixup, dropout), each as (min, max).
@@ -266,9 +234,6 @@ def resolve_total_steps(train: TrainConfig, train_samples: Optional[int]) -> int
 def _samples_from_info(folders: Sequence[str], split: str) -> Optional[int]:
     """Training samples listed in the shard folders' info.json; None when a folder (or its info.json) is absent
     (a preview on a machine without the data). A present but broken info.json raises its DataError."""
-    # imported here: pipeline.data's loader imports Stage from this module (at the top, a cycle)
-    from pipeline.data.shards import is_url, load_split
-
     total = 0
     for folder in folders:
         if not is_url(folder) and not Path(folder, "info.json").is_file() and not Path(folder).is_file():
@@ -278,9 +243,6 @@ def _samples_from_info(folders: Sequence[str], split: str) -> Optional[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from pipeline.config import load_config
-    from pipeline.data.shards import DataError
-
     p = argparse.ArgumentParser(prog="python -m pipeline.progressive",
                                 description="Print the progressive-learning stage table of a run config.")
     p.add_argument("config", help="run config, e.g. configs/pretrain/xl_in21k.yaml")

@@ -40,6 +40,7 @@ from pipeline.checkpoint import CheckpointManager, ResumePoint
 from pipeline.config import Config, ConfigError, frozen_settings, save_resolved
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.ema import ModelEMA
+from pipeline.engine import Engine  # DeepSpeed itself is imported when an engine is built
 from pipeline.export import RUN_META
 from pipeline.losses import soft_cross_entropy
 from pipeline.metrics import MetricsLogger, StageAccounting, Throughput, gpu_memory_gb, topk_correct, write_json
@@ -175,12 +176,11 @@ class _EMABuffersPart:
 # ---------------------------------------------------------------------------------------------- backends
 
 
-def start_backend(kind: str, cfg: Config) -> tuple[int, int, Callable[[nn.Module, int, Optional[ResumePoint]], Backend]]:
+def start_backend(kind: str,
+                  cfg: Config) -> tuple[int, int, Callable[[nn.Module, int, Optional[ResumePoint]], Backend]]:
     """Start the backend's process group; returns (rank, world size, build(model, micro-batch, resume point))."""
     t = cfg.train
     if kind == "deepspeed":
-        from pipeline.engine import Engine  # imports DeepSpeed only when it builds an engine
-
         env = distributed.init_distributed(timeout_s=t.collective_timeout_s, single_process_group=True)
 
         def build(model: nn.Module, micro: int, point: Optional[ResumePoint]) -> Backend:
@@ -188,7 +188,8 @@ def start_backend(kind: str, cfg: Config) -> tuple[int, int, Callable[[nn.Module
 
         return env.rank, env.world_size, build
     if kind == "accelerate":
-        from pipeline.accel import AccelerateBackend  # the only module that imports accelerate
+        # pipeline.accel imports accelerate at its top: a DeepSpeed run never loads it
+        from pipeline.accel import AccelerateBackend  # noqa: PLC0415 - accelerate: fine-tuning runs only
 
         backend = AccelerateBackend(t, cfg.optim)
         return backend.rank, backend.world_size, lambda model, micro, point: backend.prepare(model, micro)

@@ -10,6 +10,10 @@ import sys
 from typing import Optional
 
 from . import ShardError, __version__
+from .plan import PlanOptions
+from .sources import SourceOptions, open_source
+from .verify import format_stats, stats, verify
+from .writer import WriteOptions, write
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
@@ -97,10 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write(args: argparse.Namespace) -> int:
-    from .plan import PlanOptions
-    from .sources import SourceOptions, open_source
-    from .writer import WriteOptions, write
-
     demo = args.kind == "demo"
     if args.shard_size is None:
         shard_size, shard_bytes = (256 if demo else 1000), 0
@@ -129,8 +129,6 @@ def _write(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import verify
-
     report = verify(args.out, workers=args.workers, decode=not args.no_decode, progress=not args.no_progress)
     for line in report.lines:
         print(line)
@@ -145,8 +143,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .verify import format_stats, stats
-
     st = stats(args.out, workers=args.workers, top=args.top, progress=not args.no_progress)
     if args.json:
         print(json.dumps(st, indent=1))

@@ -8,6 +8,7 @@ so the listing can be cut into shards and handed to any process.
 from __future__ import annotations
 
 import csv
+import multiprocessing as mp
 import os
 import re
 import tarfile
@@ -15,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
-from . import ShardError
+from . import ShardError, demo
+from .demo import render_image
+from .images import encode_jpeg
 
 KINDS = ("imagenet21k", "imagenet1k", "imagefolder", "hf", "demo")
 WNID_RE = re.compile(r"^n\d{8}$")
@@ -121,9 +124,6 @@ def read_bytes(ref: tuple) -> bytes:
     if kind == "hf":
         return _hf_read(ref)
     if kind == "demo":
-        from .demo import render_image
-        from .images import encode_jpeg
-
         _, demo_kind, split, class_index, index, image_size, seed, quality = ref
         return encode_jpeg(render_image(demo_kind, class_index, index, image_size, seed, split), quality)
     raise ValueError(f"unknown item reference {ref!r}")
@@ -135,8 +135,6 @@ def read_bytes(ref: tuple) -> bytes:
 def _map(fn: Callable, args: list, workers: int) -> list:
     """Map in a process pool when it pays (many class tars / folders), in order."""
     if workers > 1 and len(args) > 1:
-        import multiprocessing as mp
-
         with mp.Pool(min(workers, len(args))) as pool:
             return pool.map(fn, args, chunksize=max(1, len(args) // (workers * 8)))
     return [fn(a) for a in args]
@@ -397,7 +395,7 @@ def _hf_open(spec: tuple):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        import datasets
+        import datasets  # noqa: PLC0415 - datasets: ~0.7 s, hf sources only; after the offline switches above
     except ImportError:
         raise ShardError("the hf source needs the `datasets` package: pip install datasets") from None
     try:
@@ -426,7 +424,7 @@ def _hf_open(spec: tuple):
 
 
 def _hf_split(ds, split: str, spec: tuple):
-    import datasets
+    import datasets  # noqa: PLC0415 - datasets: hf sources only
 
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
@@ -473,7 +471,7 @@ def _pick_column(ds, wanted: Optional[str], flag: str, accept: Callable, what: s
 
 
 def _list_hf(src: str, opts: SourceOptions) -> Listing:
-    import datasets
+    import datasets  # noqa: PLC0415 - datasets: hf sources only
 
     spec = _hf_spec(src, opts)
     ds_all = _hf_open(spec)
@@ -545,7 +543,7 @@ def _list_hf(src: str, opts: SourceOptions) -> Listing:
 
 def _list_inner(feature):
     """The element feature of a list-valued feature (List / Sequence / LargeList / [feature]), else None."""
-    import datasets
+    import datasets  # noqa: PLC0415 - datasets: hf sources only
 
     if isinstance(feature, list):
         return feature[0] if feature else None
@@ -556,8 +554,8 @@ def _list_inner(feature):
 
 def _hf_sizes(ds, column: str) -> list[int]:
     """Encoded byte size of each row's image, from the arrow data without decoding anything."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    import pyarrow as pa  # noqa: PLC0415 - pyarrow: comes with datasets, hf sources only
+    import pyarrow.compute as pc  # noqa: PLC0415 - pyarrow
 
     sizes = []
     for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=4096):
@@ -575,8 +573,6 @@ def _hf_sizes(ds, column: str) -> list[int]:
 
 
 def _list_demo(src: str, opts: SourceOptions, seed: int) -> Listing:
-    from . import demo
-
     if src not in demo.KINDS:
         raise ShardError(f"unknown demo set {src!r}; choose one of: {', '.join(demo.KINDS)}")
     d = demo.DEFAULTS[src]

@@ -141,7 +141,7 @@ class Report:
 
 
 def _map_shards(fn: Callable, paths: list[str], workers: int, progress: bool, desc: str) -> list:
-    from tqdm import tqdm
+    from tqdm import tqdm  # noqa: PLC0415 - tqdm: progress bars only
 
     with tqdm(total=len(paths), unit="shard", desc=desc, disable=not progress, file=sys.stderr) as bar:
         if workers <= 1 or len(paths) <= 1:

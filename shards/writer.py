@@ -20,8 +20,17 @@ from pathlib import Path
 from typing import Optional
 
 from . import ShardError, __version__
-from .format import (BAD_NAME, FORMAT, FORMAT_VERSION, INFO_NAME, SHARD_RE, SPLITS, WORK_DIR, dumps_canonical,
-                     write_json_atomic)
+from .format import (
+    BAD_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    INFO_NAME,
+    SHARD_RE,
+    SPLITS,
+    WORK_DIR,
+    dumps_canonical,
+    write_json_atomic,
+)
 from .images import BadImage, reduce_image
 from .plan import Plan, PlanOptions, ShardTask, make_plan
 from .sources import Listing, read_bytes
@@ -244,7 +253,7 @@ def _check_bad(out: Path, results: list[dict], total: int, max_fraction: float) 
 
 def _run(tasks: list[ShardTask], ctx: _Context, opts: WriteOptions, total: int, initial: int,
          on_result) -> None:
-    from tqdm import tqdm
+    from tqdm import tqdm  # noqa: PLC0415 - tqdm: progress bars only
 
     def bar():
         tty = sys.stderr.isatty()

@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.bn import average_bn_stats, bn_stat_tensors  # noqa: E402
 from pipeline.config import OptimConfig, TrainConfig  # noqa: E402
 from pipeline.ema import ModelEMA  # noqa: E402
-from pipeline.engine import (Engine, consolidate_fp32_state_dict, convert_to_universal,  # noqa: E402
-                             saved_world_size)
+from pipeline.engine import Engine, consolidate_fp32_state_dict, convert_to_universal, saved_world_size  # noqa: E402
 
 GLOBAL_BATCH = 16
 MICRO = 4

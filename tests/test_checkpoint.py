@@ -15,8 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import (MARKER, CheckpointManager, capture_rng_state, checkpoints_dir, latest,
-                                 list_checkpoints, load_rank_file, read_marker, restore_rng_state, step_tag)
+from pipeline.checkpoint import (
+    MARKER,
+    CheckpointManager,
+    capture_rng_state,
+    checkpoints_dir,
+    latest,
+    list_checkpoints,
+    load_rank_file,
+    read_marker,
+    restore_rng_state,
+    step_tag,
+)
 from pipeline.config import CheckpointConfig, Config, ConfigError, check_resume_compatible, frozen_settings
 from pipeline.distributed import free_port
 from pipeline.preemption import PreemptionHandler

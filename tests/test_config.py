@@ -10,9 +10,23 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline import config as C
-from pipeline.config import (BASE_CONFIG, CONFIG_DIR, Config, ConfigError, DataConfig, EMAConfig, ModelConfig,
-                             OptimConfig, ProgressiveConfig, TrainConfig, frozen_settings, load_config,
-                             settings_hash, to_dict, validate)
+from pipeline.config import (
+    BASE_CONFIG,
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    DataConfig,
+    EMAConfig,
+    ModelConfig,
+    OptimConfig,
+    ProgressiveConfig,
+    TrainConfig,
+    frozen_settings,
+    load_config,
+    settings_hash,
+    to_dict,
+    validate,
+)
 from pipeline.models import DEFAULT_DROP_PATH_RATE, LayerOptions, create_model
 from pipeline.optim import SCHEDULES
 

@@ -10,7 +10,6 @@ import ds_launch
 import ds_worker
 from pipeline.ema import ModelEMA, ema_decay
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

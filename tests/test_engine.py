@@ -13,10 +13,16 @@ import ds_launch
 from pipeline import bn as bn_mod
 from pipeline.bn import average_bn_stats, bn_stat_tensors, convert_sync_bn
 from pipeline.config import ConfigError, OptimConfig, TrainConfig
-from pipeline.engine import (DEFAULT_REDUCE_BUCKET, accumulation_steps, build_ds_config,
-                             consolidate_fp32_state_dict, convert_to_universal, is_universal_checkpoint,
-                             saved_world_size, saved_zero_stage)
-
+from pipeline.engine import (
+    DEFAULT_REDUCE_BUCKET,
+    accumulation_steps,
+    build_ds_config,
+    consolidate_fp32_state_dict,
+    convert_to_universal,
+    is_universal_checkpoint,
+    saved_world_size,
+    saved_zero_stage,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -210,7 +216,7 @@ def test_zero_stage_trains(ds_runs, world, stage):
     res = ds_launch.results(ds_runs[world])
     assert res["world_size"] == world
     losses = res[f"z{stage}_losses"]
-    assert len(losses) == 8 and all(l == l for l in losses)  # no NaN
+    assert len(losses) == 8 and all(v == v for v in losses)  # no NaN
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:2]) / 2, losses
     norms = res[f"z{stage}_grad_norms"]
     assert all(n is not None and n > 0 for n in norms), norms
@@ -308,7 +314,7 @@ def test_bf16_weights_train_and_export_fp32_master(ds_runs, stage):
     res = ds_launch.results(ds_runs[1])
     assert res[f"bf16w_z{stage}_dtypes"] == ["torch.bfloat16", "torch.int64"]  # BN statistics too
     losses = res[f"bf16w_z{stage}_losses"]
-    assert all(l == l for l in losses) and losses == pytest.approx(res["z2_losses"][:3], rel=0.1)
+    assert all(v == v for v in losses) and losses == pytest.approx(res["z2_losses"][:3], rel=0.1)
     assert res[f"bf16w_z{stage}_consolidated_fp32_master"]
 
 

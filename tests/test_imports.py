@@ -29,9 +29,9 @@ LAYERS = {
     "backends": ("pipeline.engine", "pipeline.accel"),
     "training components": ("pipeline.backend", "pipeline.checkpoint", "pipeline.preemption", "pipeline.ema",
                             "pipeline.bn", "pipeline.optim", "pipeline.losses", "pipeline.metrics"),
+    "schedule": ("pipeline.progressive",),
     "data": ("pipeline.data", "pipeline.data.loader", "pipeline.data.hf", "pipeline.data.shards",
              "pipeline.data.transforms", "pipeline.data.decode", "pipeline.data.mixing", "pipeline.data.protocol"),
-    "schedule": ("pipeline.progressive",),
     "config": ("pipeline.config",),
     "base": ("pipeline", "pipeline.distributed", "pipeline.models", "pipeline.models.efficientnetv2",
              "pipeline.models.builder", "pipeline.models.blocks", "pipeline.models.timm_import"),
@@ -51,12 +51,7 @@ ONLY_IMPORTERS = {
 
 # Edges the map refuses that the code has today, (importer, imported) -> why. Each is left out of the cycle check
 # too. The goal is none: when the code no longer has the edge, test_exceptions_are_still_needed asks to delete it.
-EXCEPTIONS = {
-    ("pipeline.progressive", "pipeline.data.shards"):
-        "the `python -m pipeline.progressive` preview counts the training samples in info.json (lazy imports): the "
-        "stage table that the loader imports reaches up into the data layer, a cycle through "
-        "pipeline/data/__init__.py -> pipeline.data.loader -> pipeline.progressive",
-}
+EXCEPTIONS: dict = {}
 
 
 @dataclass(frozen=True)
@@ -221,7 +216,7 @@ def test_the_graph_is_read():
     assert ("pipeline.trainer", "pipeline") not in pairs  # ... is no edge to the package
     assert ("pipeline.data.loader", "pipeline.config") in pairs  # from ..config import DataConfig
     assert ("pipeline.pretrain", "pipeline.models") in pairs  # from pipeline.models import create_model
-    assert ("pipeline.trainer", "pipeline.engine") in pairs  # inside a function
+    assert ("pipeline.trainer", "pipeline.accel") in pairs  # inside a function
     assert "pipeline.engine" in LIBRARIES["deepspeed"]  # inside a function
     assert any(e.src == "pipeline.trainer" and e.dst == "pipeline.data" and not e.explicit for e in EDGES)
 

@@ -18,10 +18,27 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import build_eval_loader, build_train_loader
-from pipeline.data.protocol import (Address, Batch, EvalBatch, Fetch, Missing, Plan, ReaderBatch, ReaderFailure,
-                                    ReaderReport, SampleStream)
-from pipeline.data.shards import (DataError, DatasetReaders, ShuffleStream, TrainPlan, epoch_order, load_split,
-                                  split_shards)
+from pipeline.data.protocol import (
+    Address,
+    Batch,
+    EvalBatch,
+    Fetch,
+    Missing,
+    Plan,
+    ReaderBatch,
+    ReaderFailure,
+    ReaderReport,
+    SampleStream,
+)
+from pipeline.data.shards import (
+    DataError,
+    DatasetReaders,
+    ShuffleStream,
+    TrainPlan,
+    epoch_order,
+    load_split,
+    split_shards,
+)
 from pipeline.progressive import Stage
 
 NUM_CLASSES = 5

@@ -371,8 +371,9 @@ def test_channels_last_same_outputs_and_gradients():
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channels_last_activations_stay_nhwc(channels_last):
     """With contiguous weights, a channels_last input is enough for the conv kernels (cuDNN on GPUs; oneDNN and
-    the native im2col path that takes the 1x1 convs here) to run NHWC: every conv / BN / SiLU / block output in the network is channels_last, and none is
-    without the flag; the parameters' gradients keep the parameters' (contiguous) layout."""
+    the native im2col path that takes the 1x1 convs here) to run NHWC: every conv / BN / SiLU / block output in
+    the network is channels_last, and none is without the flag; the parameters' gradients keep the parameters'
+    (contiguous) layout."""
     model = tiny(channels_last=channels_last).train()
     layouts: dict[str, bool] = {}
 

@@ -7,8 +7,17 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError, OptimConfig
-from pipeline.optim import (Lamb, RMSpropTF, build_optimizer, lr_at, lr_schedule, param_groups, peak_lr, set_lr,
-                            warmup_steps_from)
+from pipeline.optim import (
+    Lamb,
+    RMSpropTF,
+    build_optimizer,
+    lr_at,
+    lr_schedule,
+    param_groups,
+    peak_lr,
+    set_lr,
+    warmup_steps_from,
+)
 
 timm_optim = pytest.importorskip("timm.optim")
 

@@ -7,8 +7,7 @@ import sys
 import pytest
 
 from pipeline.config import ConfigError, ProgressiveConfig, TrainConfig, load_config
-from pipeline.progressive import (Stage, StageSchedule, build_schedule, main, model_presets,
-                                  resolve_total_steps)
+from pipeline.progressive import Stage, StageSchedule, build_schedule, main, model_presets, resolve_total_steps
 
 
 def schedule(variant, preset, total=1000, **overrides):

@@ -37,7 +37,7 @@ import pytest
 
 import pretrain_launch as launch
 from ds_launch import child_env
-from pipeline.checkpoint import read_marker, rank_file
+from pipeline.checkpoint import rank_file, read_marker
 from pipeline.config import load_config
 from pipeline.distributed import free_port
 

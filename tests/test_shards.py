@@ -103,7 +103,7 @@ def check_output(out: Path, expected: dict, max_side: int) -> dict:
     info = read_info(out)
     samples = read_samples(out)
     by_id = {}
-    for key, s in samples.items():
+    for s in samples.values():
         assert s["json"]["id"] not in by_id, f"{s['json']['id']} written twice"
         by_id[s["json"]["id"]] = s
     assert sorted(by_id) == sorted(expected), "every source image exactly once across train / val"
@@ -121,7 +121,7 @@ def check_output(out: Path, expected: dict, max_side: int) -> dict:
         elif data[:2] == b"\xff\xd8" and Image.open(io.BytesIO(data)).mode == "RGB":
             assert s["jpg"] == data, f"{ident}: a small RGB JPEG must keep its original bytes"
     # Classes mix within shards: a per-class source must not give single-class shards.
-    for split, sp in info["splits"].items():
+    for sp in info["splits"].values():
         assert sum(e["samples"] for e in sp["shards"]) == sp["samples"]
         for entry in sp["shards"]:
             labels = {s["cls"] for s in samples.values() if s["shard"] == entry["name"]}
@@ -166,7 +166,7 @@ def test_imagenet1k_train_and_val(tmp_path, val_layout):
         for suffix, data, size in class_images(4, c):
             (data_root / "train" / wnid / f"{wnid}_{suffix}.JPEG").write_bytes(data)
             expected[f"train/{wnid}/{wnid}_{suffix}.JPEG"] = (wnid, data, size)
-        for suffix, data, size in class_images(2, 10 + c, large_every=2):
+        for _suffix, data, size in class_images(2, 10 + c, large_every=2):
             k += 1
             name = f"ILSVRC2012_val_{k:08d}"
             if val_layout == "class_folders":
@@ -224,7 +224,8 @@ def test_imagefolder_converts_every_mode_to_rgb_jpeg(tmp_path):
 
 
 def _hf_dataset(n, with_coarse=False, multi=False):
-    from datasets import ClassLabel, Dataset, Features, Image as HFImage, Sequence
+    from datasets import ClassLabel, Dataset, Features, Sequence
+    from datasets import Image as HFImage
 
     names = ["airplane", "bird", "cat"]
     images = [Image.open(io.BytesIO(image_bytes(48 if i % 2 else 80, 36, i, "PNG"))) for i in range(n)]

@@ -11,8 +11,7 @@ from torchvision.transforms import v2
 
 from pipeline.config import DataConfig
 from pipeline.data.decode import SampleImage, crop_resize, jpeg_size
-from pipeline.data.transforms import (DecodeError, EvalTransform, RandAugment, TrainTransform, decode_rgb,
-                                      eval_crop_box)
+from pipeline.data.transforms import DecodeError, EvalTransform, RandAugment, TrainTransform, decode_rgb, eval_crop_box
 
 # We use torchvision's JPEG decoder knowingly while it exists (see decode.py); pytest resets warning filters.
 # Transforms run in single-threaded loader workers; intra-op threads only add contention on tiny images.
@@ -38,7 +37,7 @@ def photos():
 
     rng = random.Random(0)
     out = []
-    for i, arr in enumerate(load_sample_images().images):  # 640 x 427 each
+    for arr in load_sample_images().images:  # 640 x 427 each
         src = Image.fromarray(arr)
         for size in ((500, 375), (1000, 750)):
             x0, y0 = rng.randint(0, 80), rng.randint(0, 7)
@@ -88,7 +87,7 @@ def test_reduced_decode_keeps_the_crop_geometry(photos):
     on = TrainTransform(DataConfig(reduced_decode=True), 128, 0)
     off = TrainTransform(DataConfig(reduced_decode=False), 128, 0)
     sources, diffs, shifted = set(), [], []
-    for idx, img in enumerate(photos):
+    for img in photos:
         for small in (True, False):
             s = sample_of(img, small=small)
             for seed in range(12):

@@ -1,4 +1,6 @@
-"""Streaming data: shard lists and the resumable loader, per-sample transforms, batch mixing."""
+"""Streaming data: shard lists and the resumable loader, per-sample transforms, batch mixing.
 
-from .loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader  # noqa: E402,F401
-from .shards import DataError  # noqa: E402,F401
+The package imports nothing itself: ``pipeline.data.shards`` (read by the ``python -m pipeline.progressive``
+preview) does not pull in the loader and its transforms (torchvision). Import from the modules:
+``pipeline.data.loader`` (build_train_loader, build_eval_loader), ``pipeline.data.shards`` (DataError), ...
+"""

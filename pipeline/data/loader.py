@@ -3,7 +3,7 @@
 Training. ``build_train_loader(cfg.data, stage=..., micro_batch_size=..., ...)`` returns a :class:`TrainLoader`,
 an endless iterator of :class:`~.protocol.Batch` records (``image`` (B, C, H, W), ``target`` (B, K) soft targets,
 ``key`` [B keys]; read by attribute or like the dict they were, ``batch["image"]``) across epochs; ``stage`` is a
-:class:`~pipeline.progressive.Stage`. Each rank runs ``data.workers`` reader processes (or reads in-process with
+:class:`~.protocol.Stage`. Each rank runs ``data.workers`` reader processes (or reads in-process with
 0 workers); each reader streams its own shards (see shards.py), decodes and transforms its samples and builds
 whole batches, including mixup / cutmix. The per-sample augmentation is seeded from (seed, epoch, sample key) and
 the batch mixing from (seed, epoch, reader, position), so what a sample becomes depends on nothing else.
@@ -52,12 +52,35 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
-from ..progressive import Stage
-from .hf import row_address
-from .protocol import (Address, Batch, Content, EvalBatch, Fetch, Missing, Plan, ReaderBatch, ReaderFailure,
-                       ReaderReport, SampleStream, Source)
-from .shards import (DataError, DatasetReaders, SplitIndex, TrainPlan, eval_addresses, eval_ranges, load_split,
-                     sample_seed, stable_seed)
+from .hf import HFPlan, HFSource, row_address
+from .mixing import mix_batch, multi_label_targets, one_hot_targets
+from .protocol import (
+    Address,
+    Batch,
+    Content,
+    EvalBatch,
+    Fetch,
+    Missing,
+    Plan,
+    ReaderBatch,
+    ReaderFailure,
+    ReaderReport,
+    SampleStream,
+    Source,
+    Stage,
+)
+from .shards import (
+    DataError,
+    DatasetReaders,
+    SplitIndex,
+    TrainPlan,
+    eval_addresses,
+    eval_ranges,
+    load_split,
+    sample_seed,
+    stable_seed,
+)
+from .transforms import EvalTransform, TrainTransform
 
 STATE_VERSION = 1
 STATE_KIND = "effnetv2-train-loader"
@@ -130,8 +153,6 @@ def _shard_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int) 
 
 
 def _hf_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int, split: str) -> Source:
-    from .hf import HFPlan, HFSource
-
     src = HFSource.from_config(cfg, split)
 
     def make_plan(world_size: int, workers: int, exclude=None, segment: int = 0) -> HFPlan:
@@ -169,8 +190,6 @@ def _parse_labels(sample: dict, multi_label: bool, label_map: Optional[np.ndarra
 
 def _soft_targets(labels: list[list[int]], num_classes: int, smoothing: float) -> torch.Tensor:
     """(B, K) targets summing to 1: one-hot (or multi-hot / n) with label smoothing."""
-    from .mixing import multi_label_targets, one_hot_targets
-
     if all(len(x) == 1 for x in labels):
         return one_hot_targets(torch.tensor([x[0] for x in labels], dtype=torch.long), num_classes, smoothing)
     return multi_label_targets(labels, num_classes, smoothing)
@@ -279,8 +298,6 @@ class _TrainReaders(IterableDataset):
         image = torch.stack(images)  # (B, C, H, W)
         target = _soft_targets(labels, self.num_classes, self.smoothing)
         if self.mixup > 0 or self.cutmix > 0:
-            from .mixing import mix_batch
-
             slot = self.rank * self.workers + reader
             gen = torch.Generator().manual_seed(stable_seed("mix", self.seed, self.epoch, slot, start_pos)
                                                 & 0x7FFFFFFFFFFFFFFF)
@@ -329,8 +346,6 @@ def _loader_generator(*parts: Any) -> torch.Generator:
 
 
 def _default_transform(cfg: DataConfig, stage: Stage) -> Callable:
-    from .transforms import TrainTransform
-
     return TrainTransform(cfg, stage.image_size, stage.randaug)
 
 
@@ -629,7 +644,7 @@ def build_train_loader(cfg: DataConfig, *, stage: Stage, micro_batch_size: Optio
                        transform_factory: Optional[Callable[[DataConfig, Stage], Callable]] = None) -> TrainLoader:
     """The training loader of one rank, from shards (``cfg.train``) or a datasets folder (``cfg.hf_dataset``).
 
-    ``stage``: a :class:`~pipeline.progressive.Stage` (image_size, randaug, mixup, cutmix, micro_batch_size are
+    ``stage``: a :class:`~.protocol.Stage` (image_size, randaug, mixup, cutmix, micro_batch_size are
     read).
     ``micro_batch_size``: per rank; None takes ``stage.micro_batch_size``. ``num_classes`` 0: the data's.
     ``workers`` None: ``cfg.workers``. ``transform_factory(cfg, stage)`` replaces the TrainTransform (tests,
@@ -771,12 +786,8 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int
     workers = cfg.workers if workers is None else workers
     readers = max(1, workers)
     if transform is None:
-        from .transforms import EvalTransform
-
         transform = EvalTransform(cfg, image_size)
     if cfg.hf_dataset and not cfg.val:
-        from .hf import HFSource
-
         split = split or cfg.hf_val_split
         src = HFSource.from_config(cfg, split)
         total = len(src)

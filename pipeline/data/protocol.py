@@ -14,13 +14,26 @@ unknown object unpinned).
 
 Batches read like the dicts they replace (``batch["image"]``, ``"labels" in batch``, ``dict(batch)``) as well as by
 attribute, so code written for the dict shape keeps working.
+
+From the schedule the loader takes a :class:`Stage` (image size, RandAugment, mixing, micro-batch size), defined
+here so that the data layer does not import :mod:`pipeline.progressive`, which reads the data's ``info.json``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import (TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional, Protocol, Sequence, Union,
-                    runtime_checkable)
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Iterator,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Sequence,
+    Union,
+    runtime_checkable,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -139,6 +152,43 @@ class Source:
     dataset_sizes: list[int] = field(default_factory=list)
     draws_with_replacement: bool = False
     """Readers draw with replacement (resampled shards): a new layout starts fresh draws, nothing is excluded."""
+
+
+# ------------------------------------------------------------------------------------------- the stage
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One progressive-learning stage: the steps it covers and the values that hold during it.
+
+    :mod:`pipeline.progressive` builds the stage table (and re-exports the class: ``pipeline.progressive.Stage``);
+    the training loader takes the current stage (image_size, randaug, mixup, cutmix, micro_batch_size). The
+    defaults make a plain stage: ``Stage(index=0, start_step=0, end_step=1, image_size=224)`` has no RandAugment,
+    no mixing, no dropout, the model's drop-path and train.micro_batch_size.
+    """
+
+    index: int
+    start_step: int
+    """First step of the stage (inclusive)."""
+    end_step: int
+    """First step after the stage (exclusive)."""
+    image_size: int
+    randaug: float = 0.0
+    """RandAugment magnitude on the 0-10 scale (above 10: stronger than nominal); 0 disables RandAugment."""
+    mixup: float = 0.0
+    """Mixup alpha (0 disables)."""
+    cutmix: float = 0.0
+    """CutMix alpha (0 disables)."""
+    dropout: float = 0.0
+    """Dropout before the classifier."""
+    drop_path: Optional[float] = None
+    """Stochastic-depth rate, or None: the model's own drop_path_rate holds."""
+    micro_batch_size: Optional[int] = None
+    """Per-rank micro-batch size for this stage, or None: train.micro_batch_size."""
+
+    @property
+    def num_steps(self) -> int:
+        return self.end_step - self.start_step
 
 
 # ------------------------------------------------------------------------------------------- batches

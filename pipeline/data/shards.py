@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
+from webdataset.gopen import gopen
 
 from shards.format import FORMAT, FORMAT_VERSION, INFO_NAME  # the writer's contract, defined once
 
@@ -80,8 +81,6 @@ def _join(root: str, name: str) -> str:
 
 
 def _open_url(url: str):
-    from webdataset.gopen import gopen
-
     return gopen(url, "rb")
 
 

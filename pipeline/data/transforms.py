@@ -27,8 +27,15 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 from pipeline.config import DataConfig
-from pipeline.data.decode import (DecodeError, SampleImage, centre_crop_box, decode_rgb, full_box,
-                                  pil_to_tensor, tensor_to_pil)
+from pipeline.data.decode import (
+    DecodeError,
+    SampleImage,
+    centre_crop_box,
+    decode_rgb,
+    full_box,
+    pil_to_tensor,
+    tensor_to_pil,
+)
 
 __all__ = ["TrainTransform", "EvalTransform", "RandAugment", "Normalize", "DecodeError", "decode_rgb",
            "eval_crop_box"]

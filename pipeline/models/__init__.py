@@ -2,8 +2,18 @@
 
 from .blocks import PADDINGS, ConvBnAct, DropPath, FusedMBConv, LayerOptions, MBConv, Padding, SqueezeExcite
 from .builder import VARIANTS, ArchSpec, StageSpec, VariantSpec
-from .efficientnetv2 import (DEFAULT_DROP_PATH_RATE, EfficientNetV2, GradCheckpointing, ModelArgs, count_gmacs,
-                             count_params, create_model, get_variant, list_models, strip_prefixes)
+from .efficientnetv2 import (
+    DEFAULT_DROP_PATH_RATE,
+    EfficientNetV2,
+    GradCheckpointing,
+    ModelArgs,
+    count_gmacs,
+    count_params,
+    create_model,
+    get_variant,
+    list_models,
+    strip_prefixes,
+)
 from .timm_import import load_timm_state_dict, timm_key_map, timm_model_options, to_timm_state_dict
 
 __all__ = [

@@ -310,7 +310,8 @@ def count_params(model: nn.Module) -> int:
 def count_gmacs(model: nn.Module, image_size: int, in_chans: int = 3) -> float:
     """Multiply-accumulates (GMACs) of one forward pass of one image, counted by PyTorch's own FLOP counter
     (``FlopCounterMode`` FLOPs / 2). A model on the meta device is counted without computing anything."""
-    from torch.utils.flop_counter import FlopCounterMode
+    # ~0.1 s (it imports triton and sympy); only the model table and tests count GMACs
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415 - heavy, count_gmacs only
 
     param = next(model.parameters())
     x = torch.zeros(1, in_chans, image_size, image_size, device=param.device, dtype=param.dtype)
