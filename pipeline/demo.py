@@ -157,7 +157,7 @@ def print_summary(runs: dict, ft: Optional[dict], out: Path, export: Path, total
         n_ft = _classes(out / "shards" / "transfer")
         r = ft["results"]
         print(f"\nFine-tuning on the transfer set ({n_ft} classes, chance = {100 / n_ft:.1f}%), {ft['step']} steps "
-              f"@{ft['image_size']}px, {int(r['raw']['images'])} test images: raw top-1 {r['raw']['top1']:.1f}% / "
+              f"@{ft['image_size']}px, {int(r['raw']['samples'])} test images: raw top-1 {r['raw']['top1']:.1f}% / "
               f"top-5 {r['raw']['top5']:.1f}%" + (f", EMA top-1 {r['ema']['top1']:.1f}% / top-5 {r['ema']['top5']:.1f}%"
                                                  if "ema" in r else ""))
     print(f"\nTensorBoard:    tensorboard --logdir {out}")

@@ -533,3 +533,18 @@ def test_pretraining_and_finetuning_log_the_same_tensorboard_tags(pretrain_run, 
     for kind in pre:
         assert pre[kind] == fine[kind], (f"{kind}: only in pretraining {sorted(pre[kind] - fine[kind])}, only in "
                                          f"fine-tuning {sorted(fine[kind] - pre[kind])}")
+
+
+@pytest.mark.slow
+def test_demo_summary_reads_what_the_runs_write(tmp_path, pretrain_run, full_run, transfer, capsys):
+    """`make demo`'s summary from a real pretraining run's summary.json and a fine-tuning run's metrics.json."""
+    from pipeline.demo import print_summary
+
+    (tmp_path / "shards").mkdir()
+    for name in ("pretrain", "transfer"):
+        (tmp_path / "shards" / name).symlink_to(transfer)
+    runs = {"progressive": (pretrain_run, 1.0), "fixed final size": (pretrain_run, 1.0)}
+    print_summary(runs, _metrics(full_run[0]), tmp_path, full_run[0] / "export", 1.0)
+    out = capsys.readouterr().out
+    assert "held-out images: raw top-1" in out and "EMA top-1" in out
+    assert "24 steps @48px, 48 test images: raw top-1" in out
