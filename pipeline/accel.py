@@ -101,7 +101,12 @@ class AccelerateBackend:
         return self.acc.no_sync(self._model)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch's mean loss, scaled by the accumulation steps."""
+        """Backward of one micro-batch's mean loss, scaled by the accumulation steps. The previous step's
+        gradients are dropped here, at the first micro-batch, not after the optimizer step: they stay readable
+        for :meth:`grad_norm` until then, which is computed only when asked (at log steps)."""
+        if self._micro_done == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._grad_norm = None
         self.acc.backward(loss / self._accum)
 
     def step(self) -> bool:
@@ -112,10 +117,7 @@ class AccelerateBackend:
         clip = self.optim_cfg.clip_grad_norm
         if clip > 0:
             self._grad_norm = self.acc.clip_grad_norm_(self._model.parameters(), clip)
-        else:
-            self._grad_norm = grad_norm(self._model.parameters())
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self._micro_done = 0
         return True
 
@@ -124,6 +126,8 @@ class AccelerateBackend:
 
     def grad_norm(self) -> Optional[float]:
         """Global L2 norm of the last optimizer step's gradient, before clipping (None before any)."""
+        if self._grad_norm is None:
+            self._grad_norm = grad_norm(self._model.parameters())
         return None if self._grad_norm is None else float(self._grad_norm)
 
     def set_micro_batch_size(self, micro_batch_size: int, micro_key: str = "progressive.stage_micro_batch") -> int:
