@@ -1,4 +1,4 @@
-"""Command line: `python -m shards write | verify | stats` (see shards/README.md)."""
+"""Command line: `python -m shards write | verify | stats | timm-info` (see shards/README.md)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import sys
 from typing import Optional
 
 from . import ShardError, __version__
+from .format import TIMM_INFO_NAME
 from .plan import PlanOptions
 from .sources import SourceOptions, open_source
 from .verify import format_stats, stats, verify
-from .writer import WriteOptions, write
+from .writer import WriteOptions, add_timm_info, write
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shards", description="Write, verify and inspect WebDataset "
                                 "shards for EfficientNetV2 training (format: shards/README.md).")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{write,verify,stats}")
+    sub = p.add_subparsers(dest="command", metavar="{write,verify,stats,timm-info}")
 
     w = sub.add_parser("write", help="write shards from a dataset layout",
                        description="Write shards: KIND is imagenet21k, imagenet1k, imagefolder, hf or demo. "
@@ -97,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=5, help="smallest / largest classes to show")
     s.add_argument("--json", action="store_true", help="print JSON (with the full class histogram)")
     s.add_argument("--no-progress", action="store_true")
+
+    t = sub.add_parser("timm-info", help=f"add timm's {TIMM_INFO_NAME} to existing shard folders",
+                       description=f"Write OUT/{TIMM_INFO_NAME}, the index timm's wds reader looks for "
+                       "(`train.py --dataset wds/NAME --data-dir OUT`), from OUT/info.json. The writer adds it "
+                       "itself; this is for folders written before it did. Idempotent.")
+    t.add_argument("out", metavar="OUT", nargs="+")
     return p
 
 
@@ -153,6 +160,20 @@ def _stats(args: argparse.Namespace) -> int:
     return 1 if st["errors"] else 0
 
 
+def _timm_info(args: argparse.Namespace) -> int:
+    failed = 0
+    for out in args.out:
+        try:
+            written = add_timm_info(out)
+        except ShardError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{os.path.join(out, TIMM_INFO_NAME)}: " + ("written" if written else "unchanged (already agrees "
+                                                                                     "with info.json)"))
+    return 2 if failed else 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -160,7 +181,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"write": _write, "verify": _verify, "stats": _stats}[args.command](args)
+        commands = {"write": _write, "verify": _verify, "stats": _stats, "timm-info": _timm_info}
+        return commands[args.command](args)
     except ShardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

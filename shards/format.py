@@ -14,6 +14,9 @@ from . import ShardError
 FORMAT = "effnetv2-shards"
 FORMAT_VERSION = 1
 INFO_NAME = "info.json"
+TIMM_INFO_NAME = "_info.json"  # timm's wds reader looks for this name first (then info.json, which it cannot read)
+# Extra split names in _info.json, each an alias of one of ours: timm's train.py asks for `validation` by default.
+TIMM_SPLIT_ALIASES = {"val": ("validation",)}
 BAD_NAME = "bad_samples.txt"
 WORK_DIR = ".work"  # per-shard results of an unfinished write; removed once info.json exists
 SPLITS = ("train", "val")
@@ -94,6 +97,50 @@ def read_info(out: str | os.PathLike) -> dict:
         if field not in info:
             raise ShardError(f"{path}: key {field!r} missing; rewrite the shards")
     return info
+
+
+def timm_info(info: dict) -> dict:
+    """timm's `_info.json` for a shard folder: what `timm.data.readers.reader_wds` reads, from our info.json.
+
+    `splits.<name>` holds `name`, `num_samples`, `filenames` (relative to the folder, as timm joins them) and
+    `shard_lengths`; our `val` also appears as `validation` (timm's default val split name). timm reads
+    nothing else; `num_classes` and the class list stay in info.json. A pure function of info.json.
+    """
+    splits = {}
+    for split, s in info["splits"].items():
+        for name in (split, *TIMM_SPLIT_ALIASES.get(split, ())):
+            splits[name] = {"name": name, "num_samples": s["samples"],
+                            "filenames": [e["name"] for e in s["shards"]],
+                            "shard_lengths": [e["samples"] for e in s["shards"]]}
+    return {"name": info.get("name"), "splits": splits}
+
+
+def timm_info_difference(expected: dict, found: Any, where: str = "") -> str | None:
+    """The first place where `found` (a loaded _info.json) disagrees with `expected` (timm_info of info.json).
+
+    Keys that `found` holds beyond the expected ones are ignored (timm reads e.g. an optional `alt_label`).
+    """
+    if isinstance(expected, dict):
+        if not isinstance(found, dict):
+            return f"{where or 'the file'} is {type(found).__name__}, not an object"
+        for key, value in expected.items():
+            here = f"{where}.{key}" if where else key
+            if key not in found:
+                return f"{here} missing"
+            diff = timm_info_difference(value, found[key], here)
+            if diff:
+                return diff
+        return None
+    if isinstance(expected, list) and isinstance(found, list) and len(expected) == len(found):
+        for i, (a, b) in enumerate(zip(expected, found)):
+            if a != b:
+                return f"{where}[{i}] is {b!r}, info.json gives {a!r}"
+        return None
+    if expected != found:
+        shown = f"{len(found)} entries" if isinstance(found, list) else repr(found)
+        wanted = f"{len(expected)} entries" if isinstance(expected, list) else repr(expected)
+        return f"{where} is {shown}, info.json gives {wanted}"
+    return None
 
 
 def shard_paths(out: str | os.PathLike, info: dict, split: str) -> list[Path]:

@@ -16,7 +16,17 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from .format import BAD_NAME, KEY_RE, REQUIRED_EXTS, SAMPLE_EXTS, SHARD_RE, read_info
+from .format import (
+    BAD_NAME,
+    KEY_RE,
+    REQUIRED_EXTS,
+    SAMPLE_EXTS,
+    SHARD_RE,
+    TIMM_INFO_NAME,
+    read_info,
+    timm_info,
+    timm_info_difference,
+)
 
 MAX_ERRORS_PER_SHARD = 20
 
@@ -129,6 +139,21 @@ def check_shard(path: str, num_classes: int, max_side: int, small_side: int, dec
             "keys": np.array(keys, dtype=np.uint64)}
 
 
+def check_timm_info(out: Path, info: dict) -> Optional[str]:
+    """None when OUT/_info.json agrees with info.json; otherwise one line saying where and what to run."""
+    path = Path(out) / TIMM_INFO_NAME
+    fix = f"rerun `python -m shards timm-info {out}`"
+    if not path.exists():
+        return f"no {TIMM_INFO_NAME}: timm's wds reader cannot read this folder; add it with `python -m shards " \
+               f"timm-info {out}`"
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"{TIMM_INFO_NAME}: not readable JSON ({e}); {fix}"
+    diff = timm_info_difference(timm_info(info), found)
+    return None if diff is None else f"{TIMM_INFO_NAME} disagrees with info.json: {diff}; {fix}"
+
+
 @dataclass
 class Report:
     errors: list[str] = field(default_factory=list)
@@ -185,6 +210,9 @@ def verify(out: str | Path, workers: int = 1, decode: bool = True, progress: boo
         if sum(e["samples"] for e in s["shards"]) != s["samples"]:
             report.errors.append(f"info.json: split {split} says {s['samples']} samples, its shards sum to "
                                  f"{sum(e['samples'] for e in s['shards'])}")
+    timm_problem = check_timm_info(out, info)
+    if timm_problem is not None:
+        (report.errors if (out / TIMM_INFO_NAME).exists() else report.warnings).append(timm_problem)
     stray = sorted(p.name for p in out.iterdir() if SHARD_RE.match(p.name) and p.name not in listed)
     if stray:
         report.warnings.append(f"{len(stray)} shard files not listed in info.json (ignored by loaders): "

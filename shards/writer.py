@@ -2,7 +2,8 @@
 
 Each shard is written to a hidden temporary name, synced, and renamed into place; its result (counts, bytes,
 bad images) is stored in OUT/.work first, so a shard under its final name is always complete and known. A rerun
-with the same arguments keeps those shards and writes the rest; info.json is written last and marks the end.
+with the same arguments keeps those shards and writes the rest; info.json is written last and marks the end
+(timm's `_info.json` just before it, see `add_timm_info`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ from .format import (
     INFO_NAME,
     SHARD_RE,
     SPLITS,
+    TIMM_INFO_NAME,
     WORK_DIR,
     dumps_canonical,
+    read_info,
+    timm_info,
+    timm_info_difference,
     write_json_atomic,
 )
 from .images import BadImage, reduce_image
@@ -165,7 +170,7 @@ def _log(msg: str) -> None:
 
 def _remove_outputs(out: Path) -> None:
     for p in out.iterdir():
-        if SHARD_RE.match(p.name) or p.name in (INFO_NAME, BAD_NAME):
+        if SHARD_RE.match(p.name) or p.name in (INFO_NAME, TIMM_INFO_NAME, BAD_NAME):
             p.unlink()
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
 
@@ -300,8 +305,16 @@ def write(listing: Listing, out: str | os.PathLike, opts: WriteOptions = WriteOp
     for note in plan.notes:
         _log(f"note: {note}")
     if _prepare_out(out, plan.fingerprint, opts.overwrite):
-        _log(f"{out}: already complete (same source and options); nothing to do")
-        return json.loads((out / INFO_NAME).read_text())
+        info = json.loads((out / INFO_NAME).read_text())
+        if (out / TIMM_INFO_NAME).is_file():
+            _log(f"{out}: already complete (same source and options); nothing to do")
+        else:  # written before the toolkit wrote timm's index, or stopped between the two files
+            try:
+                add_timm_info(out, info)
+                _log(f"{out}: already complete (same source and options); added {TIMM_INFO_NAME}")
+            except ShardError as e:
+                _log(f"{out}: already complete (same source and options); note: {e}")
+        return info
 
     total = sum(len(t.samples) for t in plan.tasks)
     done = _finished(out, plan)
@@ -327,6 +340,7 @@ def write(listing: Listing, out: str | os.PathLike, opts: WriteOptions = WriteOp
 
     info = _info(listing, plan, opts, results)
     bad = _write_bad_report(out, results)
+    add_timm_info(out, info)
     write_json_atomic(out / INFO_NAME, info)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     written = sum(len(t.samples) for t in todo)
@@ -336,6 +350,32 @@ def write(listing: Listing, out: str | os.PathLike, opts: WriteOptions = WriteOp
                                       f"({v['bytes'] / 2**20:.1f} MiB)" for s, v in info["splits"].items()) +
          f"{extra}; {bad} bad images skipped" + (f" (listed in {out / BAD_NAME})" if bad else "") + rate)
     return info
+
+
+def add_timm_info(out: str | os.PathLike, info: Optional[dict] = None) -> bool:
+    """Write OUT/_info.json, timm's index of the shards (`shards.format.timm_info`), from OUT/info.json.
+
+    True when written; False when the file already says the same (idempotent). Refuses (ShardError) when
+    info.json is missing or invalid, or when a shard it lists is absent (timm would stop on it mid-epoch).
+    """
+    out = Path(out)
+    if info is None:
+        info = read_info(out)
+    missing = [e["name"] for s in info["splits"].values() for e in s["shards"] if not (out / e["name"]).is_file()]
+    if missing:
+        raise ShardError(f"{out}: {len(missing)} shard(s) listed in info.json are missing ("
+                         f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); restore or rewrite them "
+                         f"before adding {TIMM_INFO_NAME}")
+    content = timm_info(info)
+    path = out / TIMM_INFO_NAME
+    if path.is_file():
+        try:
+            if timm_info_difference(content, json.loads(path.read_text())) is None:
+                return False
+        except (OSError, ValueError):
+            pass  # unreadable: replaced below
+    write_json_atomic(path, content)
+    return True
 
 
 def _info(listing: Listing, plan: Plan, opts: WriteOptions, results: list[dict]) -> dict:
