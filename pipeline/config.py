@@ -56,6 +56,7 @@ Precision = Literal["auto", "fp32", "bf16", "bf16_weights"]
 ZeroStage = Literal[0, 1, 2, 3]
 InitWeights = Literal["auto", "ema", "raw"]
 ExportWeights = Literal["ema", "raw"]
+ExportFormat = Literal["ours", "timm", "both"]
 
 
 def choices(section: type, name: str) -> tuple:
@@ -361,6 +362,9 @@ class FinetuneConfig(_Section):
     'ema' or 'raw'. An export folder holds one set: the one it was exported with."""
     export_weights: ExportWeights = "ema"
     """Weights written to RUN_DIR/export at the end: 'ema' (raw when ema.enabled is false) or 'raw'."""
+    export_format: ExportFormat = "ours"
+    """Layout of the final export: 'ours' (RUN_DIR/export: model.safetensors + model.json), 'timm' (RUN_DIR/export_timm:
+    timm's hub layout, timm.create_model('local-dir:RUN_DIR/export_timm', pretrained=True)) or 'both'."""
 
 
 @dataclass

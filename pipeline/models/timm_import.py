@@ -1,16 +1,25 @@
 """Weight exchange with timm: load timm's efficientnetv2_* / tf_efficientnetv2_* state dicts into our models
-(and write ours in timm's layout), by an explicit key map built from our model's structure."""
+(and write ours in timm's layout), by an explicit key map built from our model's structure; and the names: which
+timm model (and which timm ``create_model`` arguments) computes what one of our models computes.
+
+The easy way is the right one: ``create_model_from_timm("tf_efficientnetv2_s", state_dict)`` builds our model
+with the options of timm's variant (padding, BN eps) and loads the weights. :func:`load_timm_state_dict` warns
+when the model it loads into matches no timm variant (e.g. our default BN eps 1e-3 with timm's efficientnetv2_s,
+which uses 1e-5: the logits then differ from timm's, silently otherwise).
+"""
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Mapping, NamedTuple
+import warnings
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .blocks import ConvBnAct, FusedMBConv, MBConv
-from .efficientnetv2 import EfficientNetV2, strip_prefixes
+from .efficientnetv2 import EfficientNetV2, create_model, strip_prefixes
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _MAX_LISTED = 12
@@ -37,6 +46,106 @@ def timm_model_options(timm_name: str) -> tuple[str, dict[str, Any]]:
     if m.group(1):
         return f"efficientnetv2_{m.group(2)}", {"padding": "same", "bn_eps": 1e-3}
     return f"efficientnetv2_{m.group(2)}", {"padding": "symmetric", "bn_eps": 1e-5}
+
+
+TIMM_SIZES = ("s", "m", "l", "xl", "b0", "b1", "b2", "b3")
+"""Our variants (efficientnetv2_<size>) that timm has: every size as tf_efficientnetv2_<size>, and s / m / l / xl
+also as timm's own efficientnetv2_<size>."""
+TIMM_PAD_TYPES = {"symmetric": "", "same": "same"}
+"""Our padding option -> timm's ``pad_type`` argument."""
+TIMM_DEFAULT_BN_MOMENTUM = 0.1
+"""timm's BatchNorm momentum (PyTorch's default; ours is the same unless model.bn_momentum changes it)."""
+
+
+def _size_of(name: str) -> Optional[str]:
+    m = re.fullmatch(r"efficientnetv2_(\w+)", name)
+    return m.group(1) if m and m.group(1) in TIMM_SIZES else None
+
+
+def _timm_candidates(name: str) -> list[str]:
+    """timm's variants of our model ``name`` (none for efficientnetv2_test)."""
+    size = _size_of(name)
+    if size is None:
+        return []
+    return [f"efficientnetv2_{size}", f"tf_efficientnetv2_{size}"] if not size.startswith("b") else \
+        [f"tf_efficientnetv2_{size}"]
+
+
+def _same_options(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a["padding"] == b["padding"] and math.isclose(float(a["bn_eps"]), float(b["bn_eps"]), rel_tol=1e-6)
+
+
+def timm_variant_of(name: str, padding: str, bn_eps: float) -> Optional[str]:
+    """The timm model that computes exactly what our ``name`` with these layer options computes, or None.
+
+    ``('efficientnetv2_s', 'symmetric', 1e-5)`` -> 'efficientnetv2_s'; ``('efficientnetv2_s', 'same', 1e-3)`` ->
+    'tf_efficientnetv2_s'; our defaults ``('efficientnetv2_s', 'symmetric', 1e-3)`` -> None.
+    """
+    ours = {"padding": padding, "bn_eps": bn_eps}
+    for cand in _timm_candidates(name):
+        if _same_options(timm_model_options(cand)[1], ours):
+            return cand
+    return None
+
+
+def nearest_timm_variant(name: str, padding: str) -> Optional[str]:
+    """timm's variant of ``name`` with the same padding ('same': tf_efficientnetv2_*; 'symmetric': timm's own
+    efficientnetv2_*, or tf_efficientnetv2_b* for B0-B3, which timm has only as tf_ models); None when timm has
+    no variant of ``name``."""
+    cands = _timm_candidates(name)
+    for cand in cands:
+        if timm_model_options(cand)[1]["padding"] == padding:
+            return cand
+    return cands[0] if cands else None
+
+
+def timm_model_args(name: str, padding: str, bn_eps: float,
+                    bn_momentum: float = TIMM_DEFAULT_BN_MOMENTUM) -> tuple[str, dict[str, Any]]:
+    """The timm model name and the ``timm.create_model`` keyword arguments that build a model computing what our
+    ``name`` with these options computes: the exact variant with no arguments when there is one, else the nearest
+    variant with ``bn_eps`` / ``pad_type`` set (timm's EfficientNet builders take both); ``bn_momentum`` only when
+    it is not timm's default. Raises ValueError for a model timm has no variant of (efficientnetv2_test)."""
+    timm_name = nearest_timm_variant(name, padding)
+    if timm_name is None:
+        raise ValueError(f"{name} has no timm counterpart; timm has efficientnetv2_{{s,m,l,xl}} and "
+                         f"tf_efficientnetv2_{{s,m,l,xl,b0,b1,b2,b3}}")
+    exact = timm_variant_of(name, padding, bn_eps)
+    args: dict[str, Any] = {}
+    if exact is not None:
+        timm_name = exact
+    else:
+        opts = timm_model_options(timm_name)[1]
+        if not math.isclose(float(bn_eps), opts["bn_eps"], rel_tol=1e-6):
+            args["bn_eps"] = float(bn_eps)
+        if padding != opts["padding"]:
+            args["pad_type"] = TIMM_PAD_TYPES[padding]
+    if not math.isclose(float(bn_momentum), TIMM_DEFAULT_BN_MOMENTUM, rel_tol=1e-6):
+        args["bn_momentum"] = float(bn_momentum)
+    return timm_name, args
+
+
+def create_model_from_timm(timm_name: str, state_dict: Optional[Mapping[str, Any]] = None, *,
+                           ignore_classifier: bool = False, **overrides: Any) -> EfficientNetV2:
+    """Our model for timm's ``timm_name`` (e.g. 'tf_efficientnetv2_s.in21k_ft_in1k', 'efficientnetv2_m'), built
+    with the options that variant uses (:func:`timm_model_options`: tf_ models 'same' padding and BN eps 1e-3,
+    timm's own efficientnetv2_* symmetric padding and eps 1e-5), with ``state_dict`` (timm's keys) loaded when
+    given. The logits then equal timm's model's with the same weights.
+
+    ``overrides`` go to :func:`create_model` (``drop_rate``, ``channels_last`` ...; ``padding`` / ``bn_eps``
+    change what the weights compute, and :func:`load_timm_state_dict` warns then). ``num_classes`` defaults to
+    the state dict's classifier rows (0 when it has no classifier), else timm's 1000.
+    ``ignore_classifier=True`` keeps a new classifier (e.g. ``num_classes`` of another dataset).
+    """
+    name, opts = timm_model_options(timm_name)
+    kwargs: dict[str, Any] = dict(opts)
+    if "num_classes" not in overrides and state_dict is not None and not ignore_classifier:
+        head = strip_prefixes(dict(state_dict)).get("classifier.weight")
+        kwargs["num_classes"] = int(head.shape[0]) if isinstance(head, torch.Tensor) else 0
+    kwargs.update(overrides)
+    model = create_model(name, **kwargs)
+    if state_dict is not None:
+        load_timm_state_dict(model, state_dict, ignore_classifier=ignore_classifier)
+    return model
 
 
 def timm_key_map(model: EfficientNetV2) -> dict[str, str]:
@@ -82,15 +191,17 @@ def _listing(keys: list[str]) -> str:
 
 
 def load_timm_state_dict(model: EfficientNetV2, state_dict: Mapping[str, Any], *,
-                         ignore_classifier: bool = False) -> LoadResult:
+                         ignore_classifier: bool = False, check_options: bool = True) -> LoadResult:
     """Copy a timm ``efficientnetv2_{s,m,l,xl}`` / ``tf_efficientnetv2_{s,m,l,xl,b0..b3}`` state dict into
     ``model``. Keys may carry ``module.`` / ``_orig_mod.`` prefixes.
 
     The model must have been created to match: the same variant, and for equal outputs
     :func:`timm_model_options` (tf_ weights: ``padding='same'``, BN eps 1e-3; timm's non-tf models: eps 1e-5).
     ``ignore_classifier=True`` keeps our (new) classifier, e.g. for fine-tuning on another class count.
-    Raises ValueError naming the missing, unexpected and mis-shaped keys when the state dict does not fit;
-    nothing is copied then.
+    A UserWarning says when the model's padding and BN eps match no timm variant of it (``check_options=False``:
+    the caller knows the weights' options, e.g. from a config.json that names them); prefer
+    :func:`create_model_from_timm`, which builds the model to match. Raises ValueError naming the missing,
+    unexpected and mis-shaped keys when the state dict does not fit; nothing is copied then.
     """
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}")
@@ -139,10 +250,33 @@ def load_timm_state_dict(model: EfficientNetV2, state_dict: Mapping[str, Any], *
         raise ValueError("; ".join(parts))
 
     kept += [o for o in ours_sd if o not in mapping]
+    if check_options:
+        _warn_if_no_variant(model)
     with torch.no_grad():
         for o, v in new_sd.items():
             ours_sd[o].copy_(v)
     return LoadResult(loaded=len(new_sd), kept=kept)
+
+
+def _warn_if_no_variant(model: EfficientNetV2) -> None:
+    """A UserWarning (once per model name and options) when no timm variant computes what ``model`` computes."""
+    name = model.pretrained_cfg.get("architecture", "")
+    padding, eps = model.opts.padding, model.opts.bn_eps
+    if timm_variant_of(name, padding, eps) is not None:
+        return
+    near = nearest_timm_variant(name, padding)
+    if near is None:
+        return
+    want = timm_model_options(near)[1]
+    others = [f"{c} uses padding={timm_model_options(c)[1]['padding']!r}, bn_eps={timm_model_options(c)[1]['bn_eps']:g}"
+              for c in _timm_candidates(name) if c != near]
+    warnings.warn(
+        f"loading timm weights into {name} with padding={padding!r}, bn_eps={eps:g}, which matches no timm "
+        f"variant: timm's {near} uses padding={want['padding']!r}, bn_eps={want['bn_eps']:g}"
+        + "".join(f" ({o})" for o in others)
+        + f"; the outputs will differ from timm's. Build the model with "
+        f"create_model_from_timm({near!r}, state_dict) (or the name the weights were trained as)",
+        UserWarning, stacklevel=3)
 
 
 def to_timm_state_dict(model: EfficientNetV2) -> dict[str, torch.Tensor]:
