@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.distributed import free_port
+from pipeline.evaluate import format_table
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN_CONFIG = REPO / "configs/demo/pretrain.yaml"
 FINETUNE_CONFIG = REPO / "configs/finetune/demo.yaml"
+SWEEP_SIZES = (64, 80, 96, 112, 128)
+"""Test sizes of the held-out sweep (python -m pipeline.evaluate) of the demo's model (trained up to 96 px)."""
 
 
 def _env() -> dict:
@@ -104,6 +107,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     export = out / "pretrain" / "export"
     _run([sys.executable, "-m", "pipeline.export", str(out / "pretrain"), "--ema", "--out", str(export)],
          "export the EMA weights", log)
+    sweep_json = out / "pretrain" / "eval_sweep.json"
+    _run([sys.executable, "-m", "pipeline.evaluate", str(export), "--data", str(out / "shards" / "pretrain"),
+          "--split", "val", "--sizes", *map(str, SWEEP_SIZES), "--workers", "2", "--json", str(sweep_json),
+          "--tensorboard", str(out / "pretrain" / "tb_eval_sweep")],
+         "evaluate the export at several test image sizes on the held-out set", log)
 
     ft = None
     if not args.skip_finetune:
@@ -117,7 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
              f"fine-tune on the transfer set with accelerate ({args.ranks} processes)", log)
         ft = json.loads((ft_dir / "metrics.json").read_text())
 
-    print_summary(runs, ft, out, export, time.perf_counter() - t_start)
+    print_summary(runs, ft, out, export, time.perf_counter() - t_start, sweep=json.loads(sweep_json.read_text()))
     return 0
 
 
@@ -125,7 +133,8 @@ def _classes(shard_dir: Path) -> int:
     return json.loads((shard_dir / "info.json").read_text())["num_classes"]
 
 
-def print_summary(runs: dict, ft: Optional[dict], out: Path, export: Path, total_s: float) -> None:
+def print_summary(runs: dict, ft: Optional[dict], out: Path, export: Path, total_s: float,
+                  sweep: Optional[dict] = None) -> None:
     main_run = runs["progressive"][0]
     summary = json.loads((main_run / "summary.json").read_text())
     n_pre = _classes(out / "shards" / "pretrain")
@@ -144,6 +153,10 @@ def print_summary(runs: dict, ft: Optional[dict], out: Path, export: Path, total
     print(f"  eval @{ev['image_size']}px on {ev['raw']['samples']} held-out images: raw top-1 "
           f"{ev['raw']['top1']:.1f}% / top-5 {ev['raw']['top5']:.1f}%" +
           (f", EMA top-1 {ev['ema']['top1']:.1f}% / top-5 {ev['ema']['top5']:.1f}%" if "ema" in ev else ""))
+    if sweep is not None:
+        print(f"\nThe EMA export at several test sizes on the held-out images (python -m pipeline.evaluate; crop "
+              f"threshold {sweep['crop_threshold']}px):")
+        print("\n".join("  " + line for line in format_table(sweep).splitlines()))
     if len(runs) > 1:
         print("\nProgressive learning vs a fixed final image size (same steps, same data):")
         print(f"  {'run':<18} {'wall s':>8} {'train s':>8} {'top-1':>7} {'EMA top-1':>10}")

@@ -6,10 +6,12 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torchvision.utils import make_grid
+
+from pipeline import distributed
 
 
 class Throughput:
@@ -135,6 +137,38 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] 
     top = logits.topk(kmax, dim=1).indices  # (B, kmax)
     hit = top.eq(targets.view(-1, 1))
     return [int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate_topk(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, *,
+                  device: torch.device | str = "cpu", max_batches: int = 0, group: Any = None) -> dict:
+    """Top-1 / top-5 (percent) of ``forward`` over an eval loader (:class:`pipeline.data.loader.EvalLoader`
+    batches), every sample once across the ranks of ``group`` (padding samples, ``valid`` False, do not count);
+    precision@1 too for multi-label data. ``max_batches`` 0: the whole loader; every rank has the same number of
+    batches, so all stop together. ``group`` None without a process group (or the default group).
+
+    Returns ``{"top1", "top5", "samples"}`` (+ ``"precision_at_1"``), the same on every rank; a collective when
+    there is a process group, so every rank of ``group`` must call it.
+    """
+    totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, precision@1 hits, samples
+    multi_label = False
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        logits = forward(batch["image"].to(device, non_blocking=True)).float().cpu()
+        valid = batch["valid"]
+        totals[0:2] += torch.tensor(topk_correct(logits[valid], batch["label"][valid], (1, 5)), dtype=torch.float64)
+        if "labels" in batch:  # multi-label data: the top-1 prediction is one of the image's labels
+            multi_label = True
+            top1 = logits[valid].topk(1, dim=1).indices
+            totals[2] += batch["labels"][valid].bool().gather(1, top1).sum()
+        totals[3] += valid.sum()
+    totals = distributed.all_reduce_sum(totals, group)
+    n = max(float(totals[3]), 1.0)
+    out = {"top1": 100 * float(totals[0]) / n, "top5": 100 * float(totals[1]) / n, "samples": int(totals[3])}
+    if multi_label:
+        out["precision_at_1"] = 100 * float(totals[2]) / n
+    return out
 
 
 def write_json(path: str | Path, payload: dict) -> None:
