@@ -2,12 +2,15 @@
 export -> 2-process accelerate fine-tuning on a transfer set -> a summary. ``make demo`` runs it.
 
     python -m pipeline.demo [--out runs/demo] [--compare] [key=value ...]
+    python -m pipeline.demo --ablation [--seeds 3] [--steps N] [key=value ...]
 
 Every step is the user's real command (``python -m shards write``, ``torchrun -m pipeline.pretrain``,
 ``python -m pipeline.export``, ``accelerate launch -m pipeline.finetune``) run as a subprocess, so the demo
 exercises exactly what a cluster run does, on CPU (DeepSpeed with DS_ACCELERATOR=cpu and gloo). With
 ``--compare`` it also pretrains the same number of steps at the fixed final image size (progressive learning
-off) and prints both side by side.
+off) and prints both side by side. With ``--ablation`` it runs the paper's ablation instead (fixed size; progressive
+size with regularization fixed at the final / first values; the paper's rising regularization), each arm with
+several seeds, pretrained and fine-tuned: see ``pipeline.demo_ablation``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from pipeline import demo_ablation
+from pipeline.config import load_config
 from pipeline.distributed import free_port
 from pipeline.evaluate import format_table
 
@@ -30,6 +35,9 @@ PRETRAIN_CONFIG = REPO / "configs/demo/pretrain.yaml"
 FINETUNE_CONFIG = REPO / "configs/finetune/demo.yaml"
 SWEEP_SIZES = (64, 80, 96, 112, 128)
 """Test sizes of the held-out sweep (python -m pipeline.evaluate) of the demo's model (trained up to 96 px)."""
+# python -m shards write demo {pretrain,transfer} arguments
+PRETRAIN_SET = ["--classes", "100", "--per-class", "60", "--val-per-class", "10"]
+TRANSFER_SET = ["--classes", "12", "--per-class", "50", "--val-per-class", "20"]
 
 
 def _env() -> dict:
@@ -76,25 +84,63 @@ def pretrain(out: Path, name: str, log: Path, overrides: list[str], ranks: int) 
     return run_dir, seconds
 
 
+def finetune(out: Path, ft_dir: Path, export: Path, log: Path, ranks: int, overrides: tuple | list = ()) -> float:
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    launch += ["--multi_gpu", "--num_processes", str(ranks)] if ranks > 1 else ["--num_processes", "1"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port())]
+    return _run(launch + ["-m", "pipeline.finetune", "--config", str(FINETUNE_CONFIG), f"init={export}",
+                          f"data.train=[{out / 'shards' / 'transfer'}]", f"train.run_dir={ft_dir}", *overrides],
+                f"fine-tune on the transfer set with accelerate ({ranks} processes)", log)
+
+
+def ablation(out: Path, args: argparse.Namespace) -> int:
+    """The four arms x seeds (pipeline.demo_ablation), on the demo's shards, under OUT/ablation."""
+    abl = out / "ablation"
+    abl.mkdir(parents=True, exist_ok=True)
+    log = abl / "ablation.log"
+    write_shards(out, log, PRETRAIN_SET, TRANSFER_SET)
+    user = [*args.overrides, *([f"train.total_steps={args.steps}"] if args.steps else [])]
+    cfg = load_config(PRETRAIN_CONFIG, user)
+
+    def run_pretrain(run_dir: Path, overrides: list[str]) -> float:
+        return pretrain(out, str(run_dir.relative_to(out)), log, overrides, args.ranks)[1]
+
+    commands = demo_ablation.Commands(
+        pretrain=run_pretrain,
+        export=lambda run_dir, dest: _run([sys.executable, "-m", "pipeline.export", str(run_dir), "--ema", "--out",
+                                           str(dest)], "export the EMA weights", log),
+        finetune=lambda export, ft_dir, overrides: finetune(out, ft_dir, export, log, args.ranks, overrides))
+    demo_ablation.run_ablation(abl, cfg, args.seeds, commands, user_overrides=user, finetune=not args.skip_finetune,
+                               ranks=args.ranks, command=" ".join(["python -m pipeline.demo", *sys.argv[1:]]))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo", help="where data, runs and logs go")
     ap.add_argument("--compare", action="store_true",
                     help="also pretrain at the fixed final image size with the same steps, and compare")
+    ap.add_argument("--ablation", action="store_true",
+                    help="run the paper's ablation (4 arms x --seeds: pretrain, fine-tune) instead of the demo")
+    ap.add_argument("--seeds", type=int, default=3, help="--ablation: seeds 0..N-1 per arm")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="--ablation: pretraining steps per run (train.total_steps; default: the config's)")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--skip-finetune", action="store_true")
     ap.add_argument("overrides", nargs="*", help="pretraining overrides, e.g. train.total_steps=200")
     args = ap.parse_args(argv)
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.ablation:
+        return ablation(out, args)
     log = out / "demo.log"
     t_start = time.perf_counter()
     for name in ("pretrain", "pretrain_fixed", "finetune"):
         # runs start afresh (auto-resume would find the finished runs and do nothing); the data is reused
         shutil.rmtree(out / name, ignore_errors=True)
 
-    write_shards(out, log, ["--classes", "100", "--per-class", "60", "--val-per-class", "10"],
-                 ["--classes", "12", "--per-class", "50", "--val-per-class", "20"])
+    write_shards(out, log, PRETRAIN_SET, TRANSFER_SET)
 
     runs = {}
     run_dir, secs = pretrain(out, "pretrain", log, list(args.overrides), args.ranks)
@@ -116,13 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ft = None
     if not args.skip_finetune:
         ft_dir = out / "finetune"
-        launch = [sys.executable, "-m", "accelerate.commands.launch"]
-        launch += ["--multi_gpu", "--num_processes", str(args.ranks)] if args.ranks > 1 else ["--num_processes", "1"]
-        launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(free_port())]
-        _run(launch + ["-m", "pipeline.finetune", "--config", str(FINETUNE_CONFIG), f"init={export}",
-                       f"data.train=[{out / 'shards' / 'transfer'}]", f"train.run_dir={ft_dir}"],
-             f"fine-tune on the transfer set with accelerate ({args.ranks} processes)", log)
+        finetune(out, ft_dir, export, log, args.ranks)
         ft = json.loads((ft_dir / "metrics.json").read_text())
 
     print_summary(runs, ft, out, export, time.perf_counter() - t_start, sweep=json.loads(sweep_json.read_text()))
