@@ -43,7 +43,7 @@ from pipeline.ema import ModelEMA
 from pipeline.engine import Engine  # DeepSpeed itself is imported when an engine is built
 from pipeline.export import RUN_META
 from pipeline.losses import soft_cross_entropy
-from pipeline.metrics import MetricsLogger, StageAccounting, Throughput, gpu_memory_gb, topk_correct, write_json
+from pipeline.metrics import MetricsLogger, StageAccounting, Throughput, evaluate_topk, gpu_memory_gb, write_json
 from pipeline.optim import accumulation_steps, lr_schedule
 from pipeline.preemption import PreemptionHandler
 from pipeline.progressive import Stage, StageSchedule, resolve_total_steps
@@ -487,29 +487,10 @@ class Trainer:
 
     @torch.no_grad()
     def _run_eval(self, loader) -> dict:
-        """Top-1 / top-5 (percent) of the current weights over an eval loader, every sample once across ranks
-        (padding samples, ``valid`` False, do not count); precision@1 too for multi-label data."""
-        dev = self.backend.device
-        totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, precision@1 hits, samples
-        max_batches = self.cfg.eval.max_batches
-        multi_label = False
-        for i, batch in enumerate(loader):
-            if max_batches and i >= max_batches:
-                break  # every rank has the same number of batches, so all stop together
-            logits = self.backend.forward(batch["image"].to(dev)).float().cpu()
-            valid = batch["valid"]
-            totals[0:2] += torch.tensor(topk_correct(logits[valid], batch["label"][valid], (1, 5)))
-            if "labels" in batch:  # multi-label data: the top-1 prediction is one of the image's labels
-                multi_label = True
-                top1 = logits[valid].topk(1, dim=1).indices
-                totals[2] += batch["labels"][valid].bool().gather(1, top1).sum()
-            totals[3] += valid.sum()
-        totals = distributed.all_reduce_sum(totals, self.control_group)
-        n = max(float(totals[3]), 1.0)
-        out = {"top1": 100 * float(totals[0]) / n, "top5": 100 * float(totals[1]) / n, "samples": int(totals[3])}
-        if multi_label:
-            out["precision_at_1"] = 100 * float(totals[2]) / n
-        return out
+        """Top-1 / top-5 of the current weights, every sample once across ranks (pipeline.metrics.evaluate_topk,
+        which `python -m pipeline.evaluate` runs too)."""
+        return evaluate_topk(self.backend.forward, loader, device=self.backend.device,
+                             max_batches=self.cfg.eval.max_batches, group=self.control_group)
 
     def evaluate(self) -> dict:
         """Raw and EMA weights on the validation data (BN statistics averaged across ranks for it)."""

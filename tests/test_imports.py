@@ -23,6 +23,7 @@ DOC = REPO / "docs" / "architecture.md"
 # docs/architecture.md holds the same table (between its module-map markers); test_doc_map_is_this_map keeps them equal.
 LAYERS = {
     "entry points": ("pipeline.pretrain", "pipeline.finetune", "pipeline.finetune_lib", "pipeline.demo",
+                     "pipeline.demo_ablation", "pipeline.evaluate",
                      "pipeline.models.__main__"),
     "trainer": ("pipeline.trainer",),
     "export": ("pipeline.export",),

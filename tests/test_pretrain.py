@@ -204,7 +204,7 @@ def test_control_plane_collectives_use_the_gloo_control_group(shards, tmp_path):
     by_caller: dict[str, list[dict]] = {}
     for call in seen["calls"]:
         by_caller.setdefault(call["caller"], []).append(call)
-    for caller in ("preemption.py:should_stop", "trainer.py:_log_step", "trainer.py:_run_eval",
+    for caller in ("preemption.py:should_stop", "trainer.py:_log_step", "metrics.py:evaluate_topk",
                    "checkpoint.py:_barrier"):
         calls = by_caller.get(caller)
         assert calls, f"no collective from {caller}: {sorted(by_caller)}"
