@@ -185,7 +185,8 @@ def timm_config(meta: dict, *, num_features: int, in_chans: int = 3) -> dict:
     except ValueError as e:
         raise ExportError(f"--format timm: {e}") from None
     size = int(meta["image_size"]["eval"])
-    threshold = int(meta.get("eval_crop_threshold") or DataConfig.eval_crop_threshold)
+    threshold = meta.get("eval_crop_threshold")  # older exports have none: the config's default
+    threshold = int(DataConfig.eval_crop_threshold if threshold is None else threshold)
     crop_pct, crop_mode = timm_eval_crop(size, threshold)
     cfg: dict[str, Any] = {"architecture": timm_name, "num_classes": num_classes, "num_features": num_features,
                            "global_pool": "avg"}
@@ -260,7 +261,7 @@ def save_exports(model_or_state: Union[nn.Module, dict], meta: dict, out_dir: st
         out["timm"] = save_timm_export(model_or_state, meta, out_dir if fmt == "timm" else timm_export_dir(out_dir))
     if fmt in ("ours", "both"):
         state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-        out["ours"] = save_export(state, meta, out_dir)
+        out = {"ours": save_export(state, meta, out_dir), **out}
     return out
 
 

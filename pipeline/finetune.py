@@ -22,7 +22,7 @@ from pipeline import finetune_lib as fl
 from pipeline.checkpoint import step_tag
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.shards import DataError
-from pipeline.export import ExportError, architecture_meta, is_export, save_export
+from pipeline.export import ExportError, architecture_meta, is_export, save_exports, timm_export_dir
 from pipeline.metrics import write_json
 from pipeline.trainer import Recipe, Trainer
 
@@ -42,6 +42,7 @@ class Finetune(Recipe):
         self.init_src = fl.classify_init(cfg.init)
         self.data = fl.describe_train_data(cfg.data)
         self.num_classes = fl.resolve_num_classes(cfg.model.num_classes, self.data.num_classes, self.data.describe)
+        fl.check_export_format(cfg.model, cfg.finetune.export_format)
         self.init = None
         if self.init_src.kind != "deepspeed":
             self.init = fl.load_init(self.init_src, weights=cfg.finetune.init_weights)
@@ -67,7 +68,8 @@ class Finetune(Recipe):
         return model.drop_rate  # model.drop_rate, else the variant's own
 
     def finish(self, trainer: Trainer, results: dict) -> dict:
-        """metrics.json and the export of the fine-tuned model (the EMA weights unless configured otherwise)."""
+        """metrics.json and the export of the fine-tuned model (the EMA weights unless configured otherwise): in
+        RUN_DIR/export (ours) and / or RUN_DIR/export_timm (timm's hub layout), per finetune.export_format."""
         cfg = self.cfg
         use_ema = trainer.ema is not None and cfg.finetune.export_weights == "ema"
         with trainer._bn_averaged():
@@ -86,13 +88,15 @@ class Finetune(Recipe):
             meta = {"architecture": architecture_meta(trainer.model), "classes": self.data.classes,
                     "image_size": {"train": trainer.schedule.stages[-1].image_size, "eval": cfg.data.eval_image_size},
                     "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+                    "eval_crop_threshold": cfg.data.eval_crop_threshold,
                     "source": {"run_dir": str(trainer.run_dir), "tag": step_tag(trainer.step), "step": trainer.step,
                                "weights": metrics["exported_weights"], "finetuned_from": str(self.init_src.path)},
                     "metrics": results}
-            out = save_export(state, meta, trainer.run_dir / EXPORT_DIR)
-            metrics["export"] = str(out)
+            fmt, out = cfg.finetune.export_format, trainer.run_dir / EXPORT_DIR
+            outs = save_exports(state, meta, timm_export_dir(out) if fmt == "timm" else out, fmt)
+            metrics.update({"export" if k == "ours" else "export_timm": str(v) for k, v in outs.items()})
             write_json(trainer.run_dir / "metrics.json", metrics)
-            trainer.print(f"metrics: {trainer.run_dir / 'metrics.json'}; export: {out}")
+            trainer.print(f"metrics: {trainer.run_dir / 'metrics.json'}; export: {', '.join(map(str, outs.values()))}")
         distributed.barrier(trainer.control_group)
         return {"metrics": metrics}
 

@@ -19,7 +19,14 @@ from pipeline.config import ConfigError, DataConfig, ModelConfig, load_config, m
 from pipeline.data.hf import HFSource  # imports datasets only when it opens a dataset
 from pipeline.data.shards import load_split
 from pipeline.export import ExportError, export_checkpoint, is_export, load_export
-from pipeline.models import create_model, load_timm_state_dict, strip_prefixes
+from pipeline.models import (
+    create_model,
+    create_model_from_timm,
+    load_timm_state_dict,
+    nearest_timm_variant,
+    strip_prefixes,
+    timm_model_options,
+)
 
 TIMM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _WNID_RE = re.compile(r"^n\d{8}$")
@@ -270,9 +277,12 @@ def check_architecture(init: InitWeights, model_cfg: ModelConfig) -> None:
 def build_model(init: InitWeights, model_cfg: ModelConfig, classes: Sequence[dict], *, head_seed: bool,
                 log: Callable[[str], None] = print) -> nn.Module:
     """create_model(model.name) for len(classes) outputs, the init's weights in it, and the head seeded from
-    the pretrained head by wnid when both class lists carry wnids."""
+    the pretrained head by wnid when both class lists carry wnids. A timm file builds model.name's timm variant
+    (:func:`timm_name_for`) with that variant's padding and BN eps (:func:`create_model_from_timm`)."""
     check_architecture(init, model_cfg)
     options = model_options(model_cfg)
+    if init.source.kind == "timm":
+        return _build_from_timm_file(init, model_cfg, options, len(classes), log)
     # Padding and BN eps define what the pretrained weights compute: the init's values win over the config's.
     for key in ("padding", "bn_eps"):
         if key in init.options and init.options[key] != options[key]:
@@ -283,16 +293,6 @@ def build_model(init: InitWeights, model_cfg: ModelConfig, classes: Sequence[dic
                              drop_path_rate=model_cfg.drop_path_rate, **options)
     except ValueError as e:
         raise FinetuneError(f"model: {e}") from None
-
-    if init.source.kind == "timm":
-        try:
-            res = load_timm_state_dict(model, init.state_dict, ignore_classifier=True)
-        except ValueError as e:
-            raise FinetuneError(f"init={init.source.path}: {e}; set model.name (and model.padding=same for "
-                                f"tf_efficientnetv2_* weights) to match the file") from None
-        log(f"init: {res.loaded} tensors from timm file {init.source.path} ({init.weights} weights); "
-            f"new classifier for {len(classes)} classes")
-        return model
 
     _load_backbone(model, init.state_dict, init)
     old_w, old_b = init.state_dict.get("classifier.weight"), init.state_dict.get("classifier.bias")
@@ -305,6 +305,51 @@ def build_model(init: InitWeights, model_cfg: ModelConfig, classes: Sequence[dic
         n = seed_head_rows(model.classifier, old_w, old_b, init.classes, classes)
         log(f"{what}; seeded {n} of {len(classes)} classifier rows from the pretrained head (matched by wnid)")
     return model
+
+
+def timm_name_for(model_cfg: ModelConfig) -> Optional[str]:
+    """The timm variant a timm file for model.name is taken to be (a timm state dict does not say which): with
+    model.padding 'same' tf_efficientnetv2_*, else timm's own efficientnetv2_{s,m,l,xl} (B0-B3 exist only as
+    tf_efficientnetv2_b*); None for a model timm has no variant of (efficientnetv2_test)."""
+    return nearest_timm_variant(model_cfg.name, model_cfg.padding)
+
+
+def _build_from_timm_file(init: InitWeights, model_cfg: ModelConfig, options: dict, num_classes: int,
+                          log: Callable[[str], None]) -> nn.Module:
+    """The model for a timm file: model.name's timm variant with that variant's padding and BN eps (they define
+    what the weights compute; the config's values give way, with a line saying so), a new classifier."""
+    timm_name = timm_name_for(model_cfg)
+    hint = "; set model.name (and model.padding=same for tf_efficientnetv2_* weights) to match the file"
+    try:
+        if timm_name is None:  # no timm variant (the tiny test model): the config's options as they are
+            model = create_model(model_cfg.name, num_classes=num_classes, drop_rate=model_cfg.drop_rate,
+                                 drop_path_rate=model_cfg.drop_path_rate, **options)
+            load_timm_state_dict(model, init.state_dict, ignore_classifier=True)
+            what = model_cfg.name
+        else:
+            variant = timm_model_options(timm_name)[1]
+            for key, value in variant.items():
+                if options[key] != value:
+                    log(f"model.{key}: using {timm_name}'s {value!r} (config: {options[key]!r})")
+            rest = {k: v for k, v in options.items() if k not in variant}
+            model = create_model_from_timm(timm_name, init.state_dict, ignore_classifier=True, num_classes=num_classes,
+                                           drop_rate=model_cfg.drop_rate, drop_path_rate=model_cfg.drop_path_rate,
+                                           **rest)
+            what = f"{timm_name} (padding={variant['padding']!r}, bn_eps={variant['bn_eps']:g})"
+            if variant["padding"] != "same":
+                what += "; for tf_efficientnetv2_* weights set model.padding=same"
+    except ValueError as e:
+        raise FinetuneError(f"init={init.source.path}: {e}{hint}") from None
+    log(f"init: timm file {init.source.path} ({init.weights} weights) as {what}; new classifier for "
+        f"{num_classes} classes")
+    return model
+
+
+def check_export_format(model_cfg: ModelConfig, export_format: str) -> None:
+    """finetune.export_format 'timm' / 'both' needs a model timm has a variant of; said before training."""
+    if export_format != "ours" and nearest_timm_variant(model_cfg.name, model_cfg.padding) is None:
+        raise FinetuneError(f"finetune.export_format={export_format}: timm has no variant of model.name="
+                            f"{model_cfg.name}; use finetune.export_format=ours")
 
 
 # ---- results -----------------------------------------------------------------------------------------------
