@@ -29,6 +29,7 @@ MODULES = {
     "pipeline.progressive": "stage table",
     "pipeline.engine": "to-universal",
     "pipeline.config": "base.yaml",
+    "pipeline.evaluate": "--sizes",
     "shards": "webdataset shards",
 }
 
