@@ -192,6 +192,15 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
                    master_addr=addr, master_port=port, launcher=launcher)
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher (torchrun, accelerate, srun) announced it, without a process group;
+    0 when the variables make no sense (for "print the error on one rank only" before any group exists)."""
+    try:
+        return detect_env().rank
+    except DistributedError:
+        return 0
+
+
 def init_distributed(backend: Optional[str] = None, timeout_s: int = 1800,
                      environ: Optional[Mapping[str, str]] = None, *, single_process_group: bool = False) -> DistEnv:
     """Detect the environment and, for more than one process, start the default process group (``env://``).

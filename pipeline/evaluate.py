@@ -315,7 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = run(args)
     except (EvalError, ExportError, DataError, ConfigError, distributed.DistributedError) as e:
         # One line per job, not one per rank: every rank hits the same input error.
-        if _launch_rank() == 0:
+        if distributed.launch_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     if distributed.get_rank() == 0:
@@ -330,13 +330,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log_tensorboard(args.tensorboard, result)
     return 0
 
-
-def _launch_rank() -> int:
-    """This process's rank as the launcher announced it; no process group needed."""
-    try:
-        return distributed.detect_env().rank
-    except distributed.DistributedError:
-        return 0
 
 
 if __name__ == "__main__":

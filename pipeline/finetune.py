@@ -112,18 +112,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         Trainer(cfg, Finetune()).train()
     except (ConfigError, fl.FinetuneError, DataError, ExportError) as e:
         # One line per job, not one per rank: every rank hits the same input error.
-        if _launch_rank() == 0:
+        if distributed.launch_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
-
-def _launch_rank() -> int:
-    """This process's rank as the launcher (torchrun, accelerate, srun) announced it; no process group needed."""
-    try:
-        return distributed.detect_env().rank
-    except distributed.DistributedError:
-        return 0
 
 
 if __name__ == "__main__":

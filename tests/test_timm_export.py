@@ -40,6 +40,7 @@ from pipeline.models import (
 )
 from pretrain_launch import env as launch_env
 from pretrain_launch import write_demo_shards
+from test_models import randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,18 +49,6 @@ REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
 NUM_CLASSES = 10
 CLASSES = [{"index": i, "wnid": f"n{1000 + i:08d}", "name": f"class {i}"} for i in range(NUM_CLASSES)]
-
-
-def randomize_bn(model: torch.nn.Module, seed: int = 1) -> None:
-    """Non-trivial BN statistics and affine parameters, so the comparisons exercise eps and the BN mapping."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
 
 
 def _meta(eval_size: int = SIZE, threshold: int = 320, classes=CLASSES) -> dict:
