@@ -263,7 +263,7 @@ class Trainer:
         self._eval_loaders: dict[int, Any] = {}
         self._register_parts()
         if self.resume_point is not None:
-            self._print(self.backend.resume_message(self.resume_point))
+            self.print(self.backend.resume_message(self.resume_point))
             self.ckpt.restore(self.resume_point, self.backend.load_checkpoint)
         if self.is_main:
             # what export needs without the data: classes (with wnids) and the run's image sizes
@@ -294,7 +294,6 @@ class Trainer:
         else:
             print(msg, flush=True)
 
-    _print = print
 
     def _register_parts(self) -> None:
         c = self.ckpt
@@ -338,7 +337,7 @@ class Trainer:
                 f"cutmix {stage.cutmix:g}, dropout {stage.dropout:g}"
                 + (f", drop-path {stage.drop_path:g}" if stage.drop_path is not None else "")
                 + f", micro-batch {mb} x {accum} accumulation x {self.world_size} ranks")
-        self._print(line)
+        self.print(line)
         self.logger.text(self.step, "stage", line)
         self.logger.scalars(self.step, self._stage_scalars(stage))
 
@@ -389,12 +388,12 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        self._print(self.schedule.format_table(t.global_batch_size))
-        self._print(f"{self.train_samples:,} training samples, {self.num_classes} classes, "
+        self.print(self.schedule.format_table(t.global_batch_size))
+        self.print(f"{self.train_samples:,} training samples, {self.num_classes} classes, "
                     f"{self.total_steps:,} steps ({self.total_steps / self.steps_per_epoch:.2f} epochs), "
                     f"{self.world_size} rank(s), {self._backend_line()}, run dir {self.run_dir}")
         if self.step >= self.total_steps:
-            self._print(f"the run is complete (step {self.step}): evaluating it again")
+            self.print(f"the run is complete (step {self.step}): evaluating it again")
             self._enter_stage(self.schedule.stage_at(self.step))
         self.backend.train()
         loss_sum = torch.zeros((), device=self.backend.device)
@@ -423,7 +422,7 @@ class Trainer:
                 if stop or self.ckpt.should_save(self.step, stage_boundary=boundary, final=final):
                     self._save()
                 if stop:
-                    self._print(f"preemption signal: checkpoint at step {self.step} saved; exiting (rerun the same "
+                    self.print(f"preemption signal: checkpoint at step {self.step} saved; exiting (rerun the same "
                                 "command, or let SLURM requeue the job, to resume)")
                     self.preempt.requeue()
                     preempted = True
@@ -509,7 +508,7 @@ class Trainer:
         self.logger.scalars(self.step, {f"eval/{kind}_{k}": v for kind, r in results.items() for k, v in r.items()
                                         if k != "samples"})
         self.logger.flush()
-        self._print(f"eval step {self.step} @{size}px ({results['raw']['samples']} images, "
+        self.print(f"eval step {self.step} @{size}px ({results['raw']['samples']} images, "
                     f"{time.perf_counter() - t0:.1f}s): " + ", ".join(
                         f"{kind} top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}" for kind, r in results.items()))
         return results
