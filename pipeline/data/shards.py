@@ -24,6 +24,7 @@ import bisect
 import hashlib
 import heapq
 import json
+import lzma
 import os
 import random
 import tarfile
@@ -37,6 +38,7 @@ from webdataset.gopen import gopen
 from shards.format import FORMAT, FORMAT_VERSION, INFO_NAME  # the writer's contract, defined once
 
 from .protocol import Address, Content, Fetch, Missing
+from .tar import TarStream
 
 SUPPORTED_VERSIONS = (FORMAT_VERSION,)
 WRITE_HINT = "python -m shards write KIND SRC OUT"
@@ -511,9 +513,8 @@ class ShardReader:
     def __init__(self, split: SplitIndex):
         self.split = split
         self._instance = -1
-        self._tf: Optional[tarfile.TarFile] = None
-        self._stream = None
-        self._pending = None  # (tarinfo, ext, sample_index, key): a header read but not consumed
+        self._tf: Optional[TarStream] = None
+        self._pending = None  # (member, ext, sample_index, key): a header read but not consumed
         self._last_key: Optional[str] = None
         self._count = -1
         self._eof = False
@@ -522,13 +523,9 @@ class ShardReader:
         self.opened = 0  # shards opened (tests check that fast-forward skips whole shards)
 
     def close(self) -> None:
-        for obj in (self._tf, self._stream):
-            if obj is not None:
-                try:
-                    obj.close()
-                except Exception:
-                    pass  # a pipe closed before its end reports SIGPIPE; we stopped reading on purpose
-        self._tf = self._stream = None
+        if self._tf is not None:
+            self._tf.close()
+        self._tf = None
 
     def _open(self, instance: int, shard: int) -> None:
         self.close()
@@ -537,11 +534,7 @@ class ShardReader:
         self._url = url = self.split.urls[shard]
         self.opened += 1
         try:
-            if is_url(url):
-                self._stream = _open_url(url)
-                self._tf = tarfile.open(fileobj=self._stream, mode="r|*")
-            else:
-                self._tf = tarfile.open(url, mode="r:*")
+            self._tf = TarStream(_open_url(url)) if is_url(url) else TarStream.open(url)
         except Exception as e:
             self._broken = f"cannot open shard: {type(e).__name__}: {e}"
             self.close()
@@ -554,8 +547,6 @@ class ShardReader:
                 self._eof = True
                 self._pending = None
                 return
-            if not ti.isfile():
-                continue
             key, ext = split_member_name(ti.name)
             if key != self._last_key:
                 self._last_key = key
@@ -587,13 +578,9 @@ class ShardReader:
                 if idx == member:
                     if group is None:
                         group = {"__key__": key, "__url__": url}
-                    f = self._tf.extractfile(ti)
-                    data = f.read() if f is not None else b""
-                    if len(data) != ti.size:
-                        raise tarfile.ReadError(f"member {ti.name} truncated ({len(data)} of {ti.size} bytes)")
-                    group[ext] = data
+                    group[ext] = self._tf.read()  # TarFormatError if the shard ends inside the member
                 self._pending = None
-        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:  # truncated, I/O, failing pipe
+        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:  # cut, I/O, pipe
             self._broken = f"shard unreadable after sample {self._count}: {type(e).__name__}: {e}"
             self.close()
             if group is None:
