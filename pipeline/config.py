@@ -54,6 +54,7 @@ OptimizerName = Literal["rmsprop_tf", "adamw", "lamb"]
 Schedule = Literal["cosine", "exp_staircase", "constant"]
 Precision = Literal["auto", "fp32", "bf16", "bf16_weights"]
 ZeroStage = Literal[0, 1, 2, 3]
+Decoder = Literal["auto", "simplejpeg", "torchvision", "pil"]
 InitWeights = Literal["auto", "ema", "raw"]
 ExportWeights = Literal["ema", "raw"]
 ExportFormat = Literal["ours", "timm", "both"]
@@ -214,7 +215,9 @@ class DataConfig(_Section):
     cutout: int = 0
     """Cutout square side in pixels (fine-tuning recipes); 0 disables."""
     reduced_decode: bool = True
-    """Crop-aware reduced-size JPEG decode (PIL draft and the stored jpg_small copy)."""
+    """Crop-aware reduced-size JPEG decode (DCT scaling and the stored jpg_small copy)."""
+    decoder: Decoder = "auto"
+    """JPEG decoder: auto picks simplejpeg (libjpeg-turbo, DCT scaling), else torchvision, else PIL."""
     eval_image_size: int = 384
     eval_crop_threshold: int = 320
     """Below this eval size: centre crop with ratio size / (size + 32); at or above: resize the whole image."""

@@ -38,6 +38,7 @@ from pipeline.backend import Backend
 from pipeline.bn import averaged_bn_stats, bn_stats_state, convert_sync_bn, load_bn_stats_state
 from pipeline.checkpoint import CheckpointManager, ResumePoint
 from pipeline.config import Config, ConfigError, frozen_settings, save_resolved
+from pipeline.data.decode import describe_decoder, resolve_decoder
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.ema import ModelEMA
 from pipeline.engine import Engine  # DeepSpeed itself is imported when an engine is built
@@ -392,6 +393,9 @@ class Trainer:
         self.print(f"{self.train_samples:,} training samples, {self.num_classes} classes, "
                     f"{self.total_steps:,} steps ({self.total_steps / self.steps_per_epoch:.2f} epochs), "
                     f"{self.world_size} rank(s), {self._backend_line()}, run dir {self.run_dir}")
+        d = cfg.data
+        self.print(f"images: {describe_decoder(resolve_decoder(d.decoder))}, crop-aware reduced decode "
+                   f"{'on' if d.reduced_decode else 'off'}, {d.workers} loader worker(s) per rank")
         if self.step >= self.total_steps:
             self.print(f"the run is complete (step {self.step}): evaluating it again")
             self._enter_stage(self.schedule.stage_at(self.step))

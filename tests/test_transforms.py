@@ -10,7 +10,15 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from pipeline.config import DataConfig
-from pipeline.data.decode import SampleImage, crop_resize, jpeg_size
+from pipeline.data.decode import (
+    DECODERS,
+    SampleImage,
+    available_decoders,
+    crop_resize,
+    describe_decoder,
+    jpeg_size,
+    resolve_decoder,
+)
 from pipeline.data.transforms import DecodeError, EvalTransform, RandAugment, TrainTransform, decode_rgb, eval_crop_box
 
 # We use torchvision's JPEG decoder knowingly while it exists (see decode.py); pytest resets warning filters.
@@ -82,10 +90,11 @@ def test_train_is_deterministic_given_the_global_rng(photos):
     assert not torch.equal(run(tf, s, 7), run(tf, s, 8))
 
 
-def test_reduced_decode_keeps_the_crop_geometry(photos):
+@pytest.mark.parametrize("decoder", available_decoders())
+def test_reduced_decode_keeps_the_crop_geometry(photos, decoder):
     """Same seeds, with and without reduced decode: the same crops, pixels differ only by resampling."""
-    on = TrainTransform(DataConfig(reduced_decode=True), 128, 0)
-    off = TrainTransform(DataConfig(reduced_decode=False), 128, 0)
+    on = TrainTransform(DataConfig(reduced_decode=True, decoder=decoder), 128, 0)
+    off = TrainTransform(DataConfig(reduced_decode=False, decoder=decoder), 128, 0)
     sources, diffs, shifted = set(), [], []
     for img in photos:
         for small in (True, False):
@@ -102,7 +111,7 @@ def test_reduced_decode_keeps_the_crop_geometry(photos):
                     # Control: a crop moved by 3% of its size is clearly different, so the check can fail.
                     top, left, h, w = box
                     moved = (top, min(left + max(2, w // 33), image.size[0] - w), h, w)
-                    full = image.decode_plan(image.plan(moved, on.out_size, False))[0]
+                    full = image.decode_plan(image.plan(moved, on.out_size, False), decoder)[0]
                     c = crop_resize(full, moved, 1.0, 1.0, on.out_size).float()
                     flip = b.flip(-1)
                     ref_b = b if (c - b).abs().mean() < (c - flip).abs().mean() else flip
@@ -115,6 +124,56 @@ def test_reduced_decode_keeps_the_crop_geometry(photos):
     assert max(diffs) < 8.0, diffs
     assert np.mean(diffs) < 4.0
     assert np.mean(shifted) > 3 * np.mean(diffs)
+
+
+def test_crop_box_draws_what_torchvision_draws():
+    """TrainTransform samples the box itself (no input flattening); the boxes are torchvision's, draw for draw."""
+    cfg = DataConfig()
+    tf = TrainTransform(cfg, 128, 0)
+    ref = v2.RandomResizedCrop(128, scale=tuple(cfg.crop_area), ratio=tuple(cfg.crop_ratio))
+
+    class Sized:
+        def __init__(self, size):
+            self.size = size
+
+    fallbacks = 0
+    for size in ((500, 375), (375, 500), (64, 48), (1000, 12), (12, 1000), (3, 3)):
+        for seed in range(150):
+            torch.manual_seed(seed)
+            ours = tf.crop_box(Sized(size))
+            after_ours = torch.rand(())
+            torch.manual_seed(seed)
+            p = ref.make_params([torch.empty((0, size[1], size[0]), dtype=torch.uint8)])
+            assert ours == (p["top"], p["left"], p["height"], p["width"]), (size, seed)
+            assert torch.rand(()) == after_ours  # the same number of draws
+            fallbacks += ours[2:] in ((12, 16), (16, 12), (3, 3))  # the centre-crop fallback was exercised
+    assert fallbacks > 0
+
+
+def test_decoder_choice():
+    have = available_decoders()
+    assert have[-1] == "pil" and set(have) <= set(DECODERS)
+    assert resolve_decoder("auto") == have[0]
+    for name in have:
+        assert resolve_decoder(name) == name and describe_decoder(name).startswith(name.replace("pil", "PIL"))
+    with pytest.raises(ValueError, match="data.decoder='turbo'"):
+        resolve_decoder("turbo")
+    assert "simplejpeg" in have  # a dependency of the package: the fast path is what users get
+
+
+@pytest.mark.parametrize("decoder", available_decoders())
+def test_decoders_give_the_same_pixels(photos, decoder):
+    """Every decoder, full size and DCT-scaled, within ~1 level of PIL's decode of the same plan."""
+    for img in photos:
+        image = SampleImage(sample_of(img, small=False))
+        w, h = image.size
+        for k in (1, 2, 4, 8):
+            plan = image.plan((0, 0, h, w), (h // k, w // k), True)
+            assert plan.scale == k
+            ours, k_ours = image.decode_plan(plan, decoder)
+            ref, k_ref = image.decode_plan(plan, "pil")
+            assert k_ours == k_ref == k and ours.shape == ref.shape == (3, -(-h // k), -(-w // k))
+            assert (ours.float() - ref.float()).abs().mean() < 1.0, (decoder, k)
 
 
 def test_reduced_decode_never_upsamples_more_than_a_full_decode(photos):

@@ -6,13 +6,29 @@ max side ~256). The crop box is chosen first, in original-image coordinates, fro
 image is decoded from the cheapest source that still holds the crop at the target size or larger:
 
 1. ``jpg_small`` when the crop, scaled into it, is at least the target size in both dimensions;
-2. otherwise the original with PIL ``draft`` DCT scaling (1/2, 1/4, 1/8) by the largest factor that keeps the
-   crop at least the target size;
-3. otherwise a full decode (torchvision's libjpeg-turbo decoder where available: ~15% faster than PIL's).
+2. otherwise the original with DCT scaling by 1/2, 1/4 or 1/8, the largest factor that keeps the crop at least
+   the target size;
+3. otherwise a full decode.
 
 So the crop is never upsampled more than a full decode would upsample it: a reduced source is used only when the
 crop needs no upsampling from it at all. The crop box is rounded to whole pixels of the source it is cut from,
 which moves each edge by at most half a source pixel (one original pixel for a half-size copy).
+
+Decoders (``data.decoder``; ``auto`` takes the first one installed, chosen once when a transform is built):
+
+- ``simplejpeg``: libjpeg-turbo 3 bundled in its wheel; DCT-scaled decodes are ~1.5x faster than PIL's ``draft``
+  and a full decode ~25% faster than PIL's. libjpeg-turbo also scales by 3/8, 5/8, 3/4 and 7/8, but measured on
+  500x375 photos those take as long as a full decode or longer (no SIMD IDCT for them), so only 1/2, 1/4, 1/8
+  are used.
+- ``torchvision``: its libjpeg-turbo decoder for full-size decodes (no DCT scaling: scaled decodes go to PIL).
+- ``pil``: PIL with ``draft`` for DCT scaling.
+
+Whatever the decoder, data it refuses (a JPEG flavour it does not read, corrupt bytes) goes to PIL, which either
+decodes it or raises :class:`DecodeError` naming the sample.
+Decoding only the crop's region (stopping after its last MCU row, skipping the columns outside it) needs
+TurboJPEG 3's cropping-region API, which no maintained Python binding exposes yet (PyTurboJPEG 2 wraps only its
+lossless crop transform, which costs a full entropy decode plus a re-encode: measured no faster than a full
+decode); see BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -22,10 +38,14 @@ import struct
 from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
+import PIL
 import torch
+import torchvision
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+
+from pipeline.config import ConfigError
 
 try:
     # torchvision's libjpeg-turbo decoder writes straight into a tensor: ~15% faster than PIL for a full-size
@@ -41,6 +61,43 @@ try:
     TV_DECODE = bool(_has_image_ops())
 except ImportError:  # pragma: no cover - depends on the torchvision release
     TV_DECODE = False
+
+try:
+    import simplejpeg
+except ImportError:  # pragma: no cover - a dependency; missing only in hand-made environments
+    simplejpeg = None
+
+DECODERS = ("simplejpeg", "torchvision", "pil")
+_SCALES = (8, 4, 2)  # DCT scaling denominators worth using (see the module docstring)
+
+
+def available_decoders() -> list[str]:
+    """The decoders this environment has, fastest first."""
+    have = {"simplejpeg": simplejpeg is not None, "torchvision": TV_DECODE, "pil": True}
+    return [name for name in DECODERS if have[name]]
+
+
+def resolve_decoder(name: str = "auto") -> str:
+    """``data.decoder`` -> the decoder used: ``auto`` is the fastest installed one; a named one must be installed."""
+    have = available_decoders()
+    if name == "auto":
+        return have[0]
+    if name not in DECODERS:
+        raise ConfigError(f"data.decoder={name!r} is not a decoder: use auto, {', '.join(DECODERS)}")
+    if name not in have:
+        fix = "pip install simplejpeg" if name == "simplejpeg" else "a torchvision built with its image ops"
+        raise ConfigError(f"data.decoder={name}: not available in this environment ({fix}, or data.decoder=auto)")
+    return name
+
+
+def describe_decoder(name: str) -> str:
+    """One line for the start-up log: which decoder, which version, what it does."""
+    if name == "simplejpeg":
+        return f"simplejpeg {simplejpeg.__version__} (libjpeg-turbo; DCT scaling 1/2, 1/4, 1/8)"
+    if name == "torchvision":
+        return (f"torchvision {torchvision.__version__} (libjpeg-turbo) full-size, PIL {PIL.__version__} draft "
+                "scaling")
+    return f"PIL {PIL.__version__} (draft DCT scaling 1/2, 1/4, 1/8)"
 
 # What PIL raises for corrupt, truncated or hostile data (struct.error / IndexError: malformed headers). These
 # become DecodeError, which the loader counts and skips.
@@ -158,35 +215,52 @@ class SampleImage:
         """Choose the source ('jpg' or 'jpg_small') and the DCT scale denominator (1, 2, 4 or 8) for a crop."""
         _, _, h, w = box
         th, tw = out_size
-        plan = DecodePlan("jpg", self._data, self.is_jpeg, 1.0, 1.0, 1)
+        plan = DecodePlan("jpg", self._data, self.is_jpeg, 1.0, 1.0, 1, self.size)
         if reduced:
             small = self._small_size()
             if small is not None:
                 sx, sy = small[0] / self.size[0], small[1] / self.size[1]
                 if h * sy >= th and w * sx >= tw:
-                    plan = DecodePlan("jpg_small", self._small_data, True, sx, sy, 1)
+                    plan = DecodePlan("jpg_small", self._small_data, True, sx, sy, 1, small)
             if plan.is_jpeg:
-                for k in (8, 4, 2):
+                for k in _SCALES:
                     if h * plan.sy / k >= th and w * plan.sx / k >= tw:
                         plan = plan._replace(scale=k)
                         break
         return plan
 
     def decode_crop(self, box: Box, out_size: tuple[int, int], *, reduced: bool = True,
-                    interpolation: InterpolationMode = InterpolationMode.BILINEAR) -> torch.Tensor:
+                    interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+                    decoder: Optional[str] = None) -> torch.Tensor:
         """Decode ``box`` (top, left, height, width in original pixels) resized to ``out_size`` (height, width).
 
         Returns a uint8 tensor (3, H, W) (channels-last strides). Raises DecodeError if the data is corrupt.
+        ``decoder``: one of :data:`DECODERS` (None: the fastest installed).
         """
         plan = self.plan(box, out_size, reduced)
-        pixels, scale = self.decode_plan(plan)  # (3, h_src, w_src) uint8
+        pixels, scale = self.decode_plan(plan, decoder)  # (3, h_src, w_src) uint8
         return crop_resize(pixels, box, plan.sx / scale, plan.sy / scale, out_size, interpolation)
 
-    def decode_plan(self, plan: "DecodePlan") -> tuple[torch.Tensor, int]:
+    def decode_plan(self, plan: "DecodePlan", decoder: Optional[str] = None) -> tuple[torch.Tensor, int]:
         """Pixels of the planned source as uint8 (3, h, w), and the DCT scale actually used."""
+        decoder = decoder or DEFAULT_DECODER
         what = f"sample {self.key} ({plan.source})"
         tv_error = None
-        if TV_DECODE and plan.scale == 1 and plan.is_jpeg:
+        if decoder == "simplejpeg" and plan.is_jpeg:
+            sw, sh = plan.size
+            k = plan.scale
+            try:
+                # min_width / min_height = the 1/k size: libjpeg-turbo's smallest scaling factor that reaches it
+                arr = simplejpeg.decode_jpeg(plan.data, colorspace="RGB", min_width=-(-sw // k),
+                                             min_height=-(-sh // k))
+            except ValueError as e:  # corrupt, or a flavour libjpeg-turbo's RGB output refuses (CMYK): PIL decides
+                tv_error = str(e).splitlines()[-1] if str(e) else type(e).__name__
+            else:
+                if arr.shape[:2] == (-(-sh // k), -(-sw // k)):
+                    return torch.from_numpy(arr).permute(2, 0, 1), k
+                tv_error = f"scaled to {arr.shape[1]}x{arr.shape[0]}, not 1/{k}"  # tiny images: decode in full
+                plan = plan._replace(scale=1)
+        elif decoder == "torchvision" and plan.scale == 1 and plan.is_jpeg:
             try:
                 return decode_jpeg(torch.frombuffer(bytearray(plan.data), dtype=torch.uint8),
                                    mode=ImageReadMode.RGB), 1
@@ -206,9 +280,12 @@ class SampleImage:
             if im.mode != "RGB":
                 im = im.convert("RGB")
         except _PIL_ERRORS as e:
-            extra = f" (torchvision: {tv_error})" if tv_error else ""
+            extra = f" ({decoder}: {tv_error})" if tv_error else ""
             raise DecodeError(f"{what}: cannot decode: {e}{extra}") from e
         return pil_to_tensor(im), scale
+
+
+DEFAULT_DECODER = resolve_decoder("auto")
 
 
 class DecodePlan(NamedTuple):
@@ -221,6 +298,8 @@ class DecodePlan(NamedTuple):
     sy: float
     scale: int
     """DCT scaling denominator: the source is decoded at 1/scale."""
+    size: tuple[int, int]
+    """(width, height) of the source."""
 
 
 def crop_resize(pixels: torch.Tensor, box: Box, sx: float, sy: float, out_size: tuple[int, int],
@@ -241,7 +320,12 @@ def crop_resize(pixels: torch.Tensor, box: Box, sx: float, sy: float, out_size: 
     # strided crop view is not channels-last contiguous, so torch would allocate a CHW output and repack it;
     # copying the crop first halves the resize at 384 px and keeps the result HWC-ordered for the PIL step.
     crop = crop.unsqueeze(0).contiguous(memory_format=torch.channels_last)
-    return F.resize(crop, list(out_size), interpolation=interpolation, antialias=True)[0]
+    if interpolation != InterpolationMode.BILINEAR:
+        return F.resize(crop, list(out_size), interpolation=interpolation, antialias=True)[0]
+    # What torchvision's resize does for uint8 bilinear on CPU (torch's native uint8 antialiased kernel; the
+    # output stays channels-last), without its dispatch layers (~0.1 ms per call).
+    return torch.nn.functional.interpolate(crop, size=list(out_size), mode="bilinear", align_corners=False,
+                                           antialias=True)[0]
 
 
 def pil_to_tensor(im: Image.Image) -> torch.Tensor:

@@ -52,6 +52,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
+from .decode import resolve_decoder
 from .hf import HFPlan, HFSource, row_address
 from .mixing import mix_batch, multi_label_targets, one_hot_targets
 from .protocol import (
@@ -652,6 +653,7 @@ def build_train_loader(cfg: DataConfig, *, stage: Stage, micro_batch_size: Optio
     """
     workers = cfg.workers if workers is None else workers
     readers = max(1, workers)
+    resolve_decoder(cfg.decoder)  # a decoder that is not installed: refused here, not in a worker
     if cfg.hf_dataset:
         source = _hf_source(cfg, seed=seed, world_size=world_size, workers=readers, split=cfg.hf_train_split)
     else:
