@@ -6,20 +6,23 @@ and produce the same tensors: random-resized crop, flip, RandAugment (2 ops, mag
 float32, normalised. Per sample both are seeded identically, so they pick the same crop boxes and the same
 RandAugment ops: the comparison is like for like.
 
-    baseline   PIL full decode (Image.open(...).convert('RGB')) + torchvision v2 RandomResizedCrop /
-               RandomHorizontalFlip / RandAugment(num_magnitude_bins=11, magnitude=10) / ToImage / ToDtype /
-               Normalize
-    ours       pipeline.data.transforms.TrainTransform: crop-aware reduced decode from the stored jpg_small copy
-               or PIL draft, uint8 resize, RandAugment on uint8 (PIL ops), one-pass normalise
-    ours-draft the same on shards without jpg_small copies (DCT scaling alone)
-    ours-full  the same with reduced_decode off (everything but the decode savings)
+    baseline        webdataset reading; PIL full decode (Image.open(...).convert('RGB')) + torchvision v2
+                    RandomResizedCrop / RandomHorizontalFlip / RandAugment(num_magnitude_bins=11, magnitude=10) /
+                    ToImage / ToDtype / Normalize
+    ours            our loader's tar reader (pipeline/data/tar.py) + pipeline.data.transforms.TrainTransform:
+                    crop-aware reduced decode (stored jpg_small copy, DCT scaling) with the default decoder
+                    (data.decoder=auto), uint8 resize, RandAugment on PIL, one-pass normalise
+    ours-no-small   the same on shards without jpg_small copies (DCT scaling alone)
+    ours-tv         the same with data.decoder=torchvision (torchvision full decodes, PIL draft for scaling)
+    ours-full       the same with reduced_decode off (everything but the decode savings)
 
 Pipelines are interleaved (every repeat times each one once, in rotating order); times are this thread's CPU
 time and the best repeat is reported (the least disturbed one on a shared machine; --wall for wall-clock time).
-Two views: reading the tar shards with webdataset + transform, and the transform alone on samples already in
-memory. Then a per-step time breakdown of ours and the baseline, and the extra storage of the small copies.
+Two views: reading the tar shards + transform (end to end), and the transform alone on samples already in
+memory. Then the share of crops per decode path, ms per image by phase for ours and the baseline, the decoders
+side by side (ms per 500x375 decode, full and DCT-scaled), and the extra storage of the small copies.
 
-    python bench/loader.py                       # ~3 minutes on an idle core, more on a busy machine
+    python bench/loader.py                       # ~4 minutes on an idle core, more on a busy machine
     python bench/loader.py --images 128 --repeats 3 --sizes 128
 """
 
@@ -41,7 +44,17 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import DataConfig  # noqa: E402
-from pipeline.data.decode import SampleImage, crop_resize, pil_to_tensor, tensor_to_pil  # noqa: E402
+from pipeline.data.decode import (  # noqa: E402
+    SampleImage,
+    available_decoders,
+    crop_resize,
+    describe_decoder,
+    pil_to_tensor,
+    resolve_decoder,
+    tensor_to_pil,
+)
+from pipeline.data.shards import split_member_name  # noqa: E402
+from pipeline.data.tar import TarStream  # noqa: E402
 from pipeline.data.transforms import TrainTransform  # noqa: E402
 
 SMALL_SIDE = 256
@@ -118,9 +131,26 @@ def write_shards(pairs, folder: Path, with_small: bool, per_shard: int) -> list[
 
 
 def read_shards(urls):
+    """The baseline's reader: webdataset (Python's tarfile underneath)."""
     import webdataset as wds
 
     return wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+
+
+def read_shards_ours(urls):
+    """Our loader's reading: pipeline/data/tar.py, members grouped into samples by key as ShardReader does."""
+    for url in urls:
+        with TarStream.open(url) as tar:
+            sample = None
+            while (m := tar.next()) is not None:
+                key, ext = split_member_name(m.name)
+                if sample is None or sample["__key__"] != key:
+                    if sample is not None:
+                        yield sample
+                    sample = {"__key__": key, "__url__": url}
+                sample[ext] = tar.read()
+            if sample is not None:
+                yield sample
 
 
 # ---------------------------------------------------------------------------------------------------- pipelines
@@ -143,9 +173,9 @@ def baseline_transform(cfg: DataConfig, size: int):
     return run
 
 
-def time_pass(source, fn) -> float:
-    """images/s of one pass; ``source`` is a list of shard URLs (read with webdataset) or of samples."""
-    samples = read_shards(source) if isinstance(source[0], str) else source
+def time_pass(source, fn, reader=read_shards) -> float:
+    """images/s of one pass; ``source`` is a list of shard URLs (read with ``reader``) or of samples."""
+    samples = reader(source) if isinstance(source[0], str) else source
     n = 0
     t0 = CLOCK()
     for i, sample in enumerate(samples):
@@ -171,6 +201,13 @@ class Timer:
         return out
 
 
+def _read_time(urls, reader) -> float:
+    """Seconds per sample to read the shards (no decoding)."""
+    t0 = CLOCK()
+    n = sum(1 for _ in reader(urls))
+    return (CLOCK() - t0) / n
+
+
 def breakdown_ours(samples, cfg: DataConfig, size: int) -> tuple[Counter, Counter]:
     tf = TrainTransform(cfg, size, MAGNITUDE)
     t, plans = Timer(), Counter()
@@ -180,7 +217,7 @@ def breakdown_ours(samples, cfg: DataConfig, size: int) -> tuple[Counter, Counte
         box = t("header + crop box", tf.crop_box, image)
         plan = t("header + crop box", image.plan, box, tf.out_size, True)
         plans[f"{plan.source} 1/{plan.scale}"] += 1
-        pixels, scale = t("decode", image.decode_plan, plan)
+        pixels, scale = t("decode", image.decode_plan, plan, tf.decoder)
         x = t("crop + resize (uint8)", crop_resize, pixels, box, plan.sx / scale, plan.sy / scale, tf.out_size)
         flip = bool(torch.rand(()) < tf.hflip)
         pil = t("to PIL + flip", tensor_to_pil, x, flip)
@@ -218,6 +255,58 @@ def breakdown_baseline(samples, cfg: DataConfig, size: int) -> Counter:
         img = t("RandAugment", ra, img)
         t("to tensor + normalise", tail, img)
     return t.total
+
+
+def decoder_table(pairs, repeats: int = 3) -> dict:
+    """ms per decode of the 500x375 originals, by decoder and DCT scale (the case for using only 1/2, 1/4,
+    1/8), and of the jpg_small copies; PyTurboJPEG's lossless crop + decode too when it is installed."""
+    import simplejpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    jpgs = [a for a, _ in pairs[:64]]
+    smalls = [b for _, b in pairs[:64]]
+
+    def pil(data, k=1):
+        im = Image.open(io.BytesIO(data))
+        if k > 1:
+            im.draft("RGB", (im.size[0] // k, im.size[1] // k))
+        return im.convert("RGB")
+
+    def sj(data, m=8):
+        w, h = 500, 375
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=-(-w * m // 8), min_height=-(-h * m // 8))
+
+    cases = {
+        "PIL full": (jpgs, pil), "PIL draft 1/2": (jpgs, lambda d: pil(d, 2)),
+        "PIL draft 1/4": (jpgs, lambda d: pil(d, 4)), "PIL draft 1/8": (jpgs, lambda d: pil(d, 8)),
+        "torchvision full": (jpgs, lambda d: decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8),
+                                                          mode=ImageReadMode.RGB)),
+        "simplejpeg full": (jpgs, simplejpeg.decode_jpeg),
+    }
+    for m in (7, 6, 5, 4, 3, 2, 1):
+        cases[f"simplejpeg {m}/8"] = (jpgs, lambda d, m=m: sj(d, m))
+    cases["PIL jpg_small"] = (smalls, pil)
+    cases["simplejpeg jpg_small"] = (smalls, simplejpeg.decode_jpeg)
+    try:
+        from turbojpeg import TJPF_RGB, TurboJPEG
+
+        tj = TurboJPEG()
+        cases["PyTurboJPEG full"] = (jpgs, lambda d: tj.decode(d, pixel_format=TJPF_RGB))
+        # a 192x192 crop in the middle: lossless crop transform, then decode of the cropped JPEG
+        cases["PyTurboJPEG crop 192 + decode"] = (
+            jpgs, lambda d: tj.decode(tj.crop(d, 144, 96, 192, 192), pixel_format=TJPF_RGB))
+    except Exception:  # not installed (Debian's libturbojpeg0 + PyTurboJPEG < 2): skipped
+        pass
+    out = {}
+    for name, (data, fn) in cases.items():
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = CLOCK()
+            for d in data:
+                fn(d)
+            best = min(best, CLOCK() - t0)
+        out[name] = 1e3 * best / len(data)
+    return out
 
 
 def randaug_backends(samples, cfg: DataConfig, size: int, repeats: int = 3) -> dict:
@@ -267,6 +356,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)  # one loader worker = one core
     cfg = DataConfig()
+    print(f"decoder: {describe_decoder(resolve_decoder(cfg.decoder))} (installed: {', '.join(available_decoders())})")
     print(f"torch {torch.__version__}, one thread, {os.cpu_count()} cores visible, "
           f"{'wall-clock' if args.wall else 'thread CPU'} time; "
           f"{args.images} JPEGs in {args.shards} shards, {args.repeats} interleaved repeats")
@@ -295,36 +385,42 @@ def main(argv=None) -> int:
         results = {}
         for size in args.sizes:
             ours = TrainTransform(cfg, size, MAGNITUDE)
-            pipes = {  # name: (shards, samples in memory, transform)
-                "baseline": (no_small, samples_no_small, baseline_transform(cfg, size)),
-                "ours": (with_small, samples, ours),
-                "ours-draft": (no_small, samples_no_small, ours),
-                "ours-full": (with_small, samples, TrainTransform(DataConfig(reduced_decode=False), size, MAGNITUDE)),
+            pipes = {  # name: (shards, samples in memory, transform, shard reader)
+                "baseline": (no_small, samples_no_small, baseline_transform(cfg, size), read_shards),
+                "ours": (with_small, samples, ours, read_shards_ours),
+                "ours-no-small": (no_small, samples_no_small, ours, read_shards_ours),
+                "ours-tv": (with_small, samples, TrainTransform(DataConfig(decoder="torchvision"), size, MAGNITUDE),
+                            read_shards_ours),
+                "ours-full": (with_small, samples, TrainTransform(DataConfig(reduced_decode=False), size, MAGNITUDE),
+                              read_shards_ours),
             }
-            for _, mem, fn in pipes.values():  # warm-up: imports, allocator, caches
+            for _, mem, fn, _ in pipes.values():  # warm-up: imports, allocator, caches
                 for s in mem[:16]:
                     fn(s)
             rates = {(name, where): [] for name in pipes for where in ("shards", "memory")}
             names = list(pipes)
             for r in range(args.repeats):
                 for name in names[r % len(names):] + names[:r % len(names)]:
-                    urls, mem, fn = pipes[name]
-                    rates[(name, "shards")].append(time_pass(urls, fn))
+                    urls, mem, fn, reader = pipes[name]
+                    rates[(name, "shards")].append(time_pass(urls, fn, reader))
                     rates[(name, "memory")].append(time_pass(mem, fn))
             results[size] = {k: max(v) for k, v in rates.items()}  # best repeat = least disturbed
 
-        for where, title in (("shards", "read from the tar shards (webdataset) + transform"),
+        others = ("ours", "ours-no-small", "ours-tv", "ours-full")
+        for where, title in (("shards", "read from the tar shards + transform (end to end)"),
                              ("memory", "transform only (samples already in memory)")):
             print(f"\nimages/s per worker (one core), {title}; best of {args.repeats} interleaved repeats")
-            print(f"{'size':>5}  {'baseline':>9}  {'ours':>9}  {'ratio':>6}  {'ours-draft':>10}  {'ratio':>6}  "
-                  f"{'ours-full':>9}  {'ratio':>6}")
+            print(f"{'size':>5}  {'baseline':>9}" + "".join(f"  {n:>13}  {'ratio':>6}" for n in others))
             for size, r in results.items():
                 b = r[("baseline", where)]
-                o, d, f = (r[(n, where)] for n in ("ours", "ours-draft", "ours-full"))
-                print(f"{size:>5}  {b:>9.0f}  {o:>9.0f}  {o / b:>5.2f}x  {d:>10.0f}  {d / b:>5.2f}x  "
-                      f"{f:>9.0f}  {f / b:>5.2f}x")
+                print(f"{size:>5}  {b:>9.0f}" + "".join(f"  {r[(n, where)]:>13.0f}  {r[(n, where)] / b:>5.2f}x"
+                                                      for n in others))
 
-        print("\nwhere the time goes (ms per image, ours on shards with jpg_small | baseline)")
+        read_ours = min(_read_time(with_small, read_shards_ours) for _ in range(3))
+        read_wds = min(_read_time(no_small, read_shards) for _ in range(3))
+        print(f"\nreading the shards, ms per sample: ours (pipeline/data/tar.py) {1e3 * read_ours:.3f} on shards "
+              f"with jpg_small, webdataset {1e3 * read_wds:.3f} on shards without")
+        print("where the time goes (ms per image, ours on shards with jpg_small | baseline; plus the reading above)")
         for size in args.sizes:
             ours, plans = breakdown_ours(samples, cfg, size)
             base = breakdown_baseline(samples, cfg, size)
@@ -337,6 +433,9 @@ def main(argv=None) -> int:
                   + f"  = {1e3 * sum(ours.values()) / n:.3f}")
             print("    baseline: " + ", ".join(f"{k} {1e3 * v / n:.3f}" for k, v in base.items())
                   + f"  = {1e3 * sum(base.values()) / n:.3f}")
+        print("\ndecoders, ms per image (500x375 q90 originals unless named; best of 3, thread CPU time)")
+        for name, ms in decoder_table(pairs).items():
+            print(f"  {name:<32} {ms:.3f}")
         print("\nRandAugment (torchvision, 2 ops, magnitude 10) by image type, ms per image")
         for size in args.sizes:
             r = randaug_backends(samples, cfg, size)
