@@ -23,9 +23,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Optional, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
@@ -48,59 +46,6 @@ __all__ = ["TrainTransform", "EvalTransform", "RandAugment", "Normalize", "Decod
 _ENHANCE_OPS = ("Brightness", "Color", "Contrast", "Sharpness")
 # Translation beyond this fraction of the side would move the picture out of the frame entirely.
 _MAX_TRANSLATE_FRACTION = 0.9
-
-
-# The four RandAugment ops that are per-channel lookup tables. PIL applies a table through Image.point, which
-# rounds every one of its 768 entries in Python (~0.25 ms per call, more than the op itself at 128 px); these
-# numpy versions build the same tables the same way (ImageOps' arithmetic) and give identical pixels
-# (tests/test_transforms.py compares them with ImageOps on many images).
-
-
-def _posterize(a: np.ndarray, bits: int) -> np.ndarray:
-    return a & np.uint8(~(2 ** (8 - bits) - 1) & 0xFF)
-
-
-def _solarize(a: np.ndarray, threshold: float) -> np.ndarray:
-    return np.where(a < threshold, a, 255 - a)
-
-
-def _autocontrast(a: np.ndarray) -> np.ndarray:
-    out = np.empty_like(a)
-    ramp = np.arange(256, dtype=np.float64)
-    for c in range(a.shape[2]):
-        band = a[:, :, c]
-        lo, hi = int(band.min()), int(band.max())
-        if hi <= lo:
-            out[:, :, c] = band
-            continue
-        scale = 255.0 / (hi - lo)
-        lut = np.clip((ramp * scale + -lo * scale).astype(np.int64), 0, 255).astype(np.uint8)  # int(): truncation
-        out[:, :, c] = lut[band]
-    return out
-
-
-def _equalize(a: np.ndarray) -> np.ndarray:
-    out = np.empty_like(a)
-    for c in range(a.shape[2]):
-        band = a[:, :, c]
-        h = np.bincount(band.ravel(), minlength=256)
-        used = h[h > 0]
-        step = (int(used.sum()) - int(used[-1])) // 255 if len(used) > 1 else 0
-        if not step:
-            out[:, :, c] = band
-            continue
-        before = np.concatenate(([0], np.cumsum(h)[:-1]))
-        lut = np.clip((step // 2 + before) // step, 0, 255).astype(np.uint8)
-        out[:, :, c] = lut[band]
-    return out
-
-
-_LUT_OPS = {
-    "Posterize": lambda a, value: _posterize(a, int(value)),
-    "Solarize": lambda a, value: _solarize(a, 255.0 * value),
-    "AutoContrast": lambda a, value: _autocontrast(a),
-    "Equalize": lambda a, value: _equalize(a),
-}
 
 
 class RandAugment(v2.RandAugment):
@@ -152,12 +97,6 @@ class RandAugment(v2.RandAugment):
                     value = min(value, _MAX_TRANSLATE_FRACTION * height)
             self._cache[key] = value
         return self._cache[key]
-
-    def _apply_image_or_video_transform(self, image, transform_id, magnitude, interpolation, fill):
-        lut_op = _LUT_OPS.get(transform_id)
-        if lut_op is not None and isinstance(image, Image.Image) and image.mode == "RGB":
-            return Image.fromarray(lut_op(np.asarray(image), magnitude))
-        return super()._apply_image_or_video_transform(image, transform_id, magnitude, interpolation, fill)
 
     def forward(self, *inputs):
         flat_inputs_with_spec, image = self._flatten_and_extract_image_or_video(inputs)
