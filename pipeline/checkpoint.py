@@ -8,8 +8,16 @@ Layout of a run::
         COMPLETE.json                       written LAST by rank 0, after every rank has finished
 
 A folder without ``COMPLETE.json`` is an interrupted save: it is never resumed from and is cleaned up by a
-later save. This module knows nothing of the backend: its files are written and read by callables the trainer
-passes in. Everything else a resume needs is a registered part with ``state_dict`` / ``load_state_dict``::
+later save. ``COMPLETE.json`` records the size of every file of the folder; before resuming, rank 0 checks them
+(:func:`checkpoint_problem`), so a rank file or DeepSpeed shard deleted or truncated after the save is found
+before anything is loaded: auto-resume then warns, naming the file, and takes the newest intact checkpoint.
+Sizes catch what storage and people actually do to finished files (lost or cut-off files, a copy that stopped
+early); a flipped bit inside a file is left to the readers' own checks (torch's zip CRCs). A save that fails
+because the disk is full raises :class:`CheckpointError`, one line naming the folder, and leaves the previous
+checkpoint as it was (pruning happens only after a save is complete).
+
+This module knows nothing of the backend: its files are written and read by callables the trainer passes in.
+Everything else a resume needs is a registered part with ``state_dict`` / ``load_state_dict``::
 
     ckpt = CheckpointManager(cfg.checkpoint, run_dir, rank=rank, world_size=world, settings=frozen_settings(cfg))
     ckpt.register("trainer", counters, scope="main")
@@ -25,6 +33,7 @@ passes in. Everything else a resume needs is a registered part with ``state_dict
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import os
@@ -49,6 +58,13 @@ MARKER = "COMPLETE.json"
 FORMAT_VERSION = 2
 """Rank files: 2 keeps every registered part under ``parts``; 1 (still read) had them at the top level."""
 _TAG_RE = re.compile(r"^step-(\d+)$")
+_FULL_BELOW = 1 << 20
+"""Bytes free under which a failed write is reported as a full disk (torch.save's C++ writer drops the errno)."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be written or used (disk full, damaged files); the message names the folder and what to
+    do. A ConfigError, so that the entry points print it as one line and exit 2."""
 
 SaveFn = Callable[[Path, str], None]
 """``save_fn(directory, tag)`` writes the model / optimizer state into ``directory / tag`` on every rank."""
@@ -108,7 +124,7 @@ def read_marker(path: Union[str, os.PathLike]) -> Optional[dict]:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:  # a truncated marker cannot come from os.replace, but disks fail
-        log.warning("ignoring checkpoint %s: unreadable %s (%s)", path, MARKER, e)
+        log.warning("ignoring checkpoint %s: %s is unreadable (%s)", path, Path(path) / MARKER, e)
         return None
     return marker if isinstance(marker, dict) and "step" in marker else None
 
@@ -290,7 +306,8 @@ class CheckpointManager:
         writes its rank file (RNG states + the parts); barrier; rank 0 writes COMPLETE.json (tmp +
         os.replace) and prunes; barrier, so that no rank moves on (or exits on preemption) before the
         checkpoint counts. ``extra`` (rank 0's) goes into the marker. Every rank must call this with the
-        same step.
+        same step. A write that fails on a full disk (on this rank, or on a peer whose exit breaks a barrier here)
+        raises CheckpointError; the folder stays incomplete and nothing older is pruned.
         """
         tag = step_tag(step)
         path = self.dir / tag
@@ -308,6 +325,18 @@ class CheckpointManager:
             self._clear_for(step)
         self._barrier()
 
+        try:
+            self._write(step, payload, save_fn, extra)
+        except (OSError, RuntimeError) as e:  # a full disk here, or a peer that stopped on one (a barrier fails)
+            self._raise_if_disk_full(path, e)
+            raise
+        self.last_saved_step = step
+        return path
+
+    def _write(self, step: int, payload: dict, save_fn: Optional[SaveFn], extra: Optional[Mapping[str, Any]]) -> None:
+        """The part of :meth:`save` that writes: the backend's files and this rank's file, then the marker."""
+        tag = step_tag(step)
+        path = self.dir / tag
         if save_fn is not None:
             save_fn(self.dir, tag)
         path.mkdir(parents=True, exist_ok=True)
@@ -327,13 +356,31 @@ class CheckpointManager:
                 "settings_hash": None if self.settings is None else settings_hash(self.settings),
                 "settings": self.settings,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "files": file_sizes(path),
             })
             _atomic_write_json(path / MARKER, marker)
             self.prune(keep_step=step)
             log.info("checkpoint %s complete (%d rank%s)", path, self.world_size, "s" if self.world_size > 1 else "")
         self._barrier()
-        self.last_saved_step = step
-        return path
+
+    def _raise_if_disk_full(self, path: Path, e: BaseException) -> None:
+        """A write of checkpoint ``path`` failed: a full disk (or quota) becomes one CheckpointError line naming
+        the folder and the checkpoint that is still intact; anything else is left to propagate as it is."""
+        code = getattr(e, "errno", None)
+        try:
+            free: Optional[int] = shutil.disk_usage(self.dir).free
+        except OSError:
+            free = None
+        if code not in (errno.ENOSPC, errno.EDQUOT) and (free is None or free >= _FULL_BELOW):
+            return
+        why = "disk quota exceeded" if code == errno.EDQUOT else "no space left on device"
+        step = tag_step(path.name)
+        older = [c for c in list_checkpoints(self.run_dir) if step is None or c.step < step]
+        kept = (f"the newest complete checkpoint, {older[-1].path}, is intact" if older
+                else "there is no earlier complete checkpoint")
+        raise CheckpointError(f"checkpoint {path}: {why} while saving it (rank {self.rank}, "
+                              f"{'?' if free is None else free} bytes free); {kept}. Free space (this incomplete "
+                              "folder can go) and rerun the same command to resume") from None
 
     def _clear_for(self, step: int) -> None:
         """Rank 0, before anyone writes ``step``: make room for it and keep auto-resume unambiguous."""
@@ -408,12 +455,14 @@ class CheckpointManager:
         return point
 
     def _find_resume(self) -> Optional[Path]:
+        if self.dir.exists() and not self.dir.is_dir():  # else the first save would fail, an hour in
+            raise CheckpointError(f"{self.dir} is a file, where this run keeps its checkpoints; move it away or pass "
+                                  "another train.run_dir")
         mode = self.cfg.resume
         if mode == "none":
             return None
         if mode == "auto":
-            done = list_checkpoints(self.run_dir)
-            return done[-1].path if done else None
+            return self._newest_intact()
         path = Path(mode).expanduser()
         if not path.exists():
             raise ConfigError(f"checkpoint.resume: {path} does not exist; pass a checkpoint folder "
@@ -421,7 +470,14 @@ class CheckpointManager:
         if not path.is_dir():
             raise ConfigError(f"checkpoint.resume: {path} is a file; pass a checkpoint folder "
                               f"(RUN_DIR/{CHECKPOINTS}/step-NNNNNNNN), 'auto' or 'none'")
-        if read_marker(path) is not None:
+        marker = read_marker(path)
+        if marker is not None:
+            problem = checkpoint_problem(path, marker)
+            if problem is not None:
+                older = [c.path for c in _intact(list_checkpoints(path.parent.parent)) if c.path != path]
+                hint = f"; the newest intact one there is {older[-1]}" if older else ""
+                raise CheckpointError(f"checkpoint.resume: {path} is damaged: {problem}{hint}. Pass an intact "
+                                      "checkpoint folder or checkpoint.resume=auto")
             return path
         # A run folder or its checkpoints folder: name the checkpoint the user most likely meant.
         for run in (path, path.parent):
@@ -434,6 +490,26 @@ class CheckpointManager:
         raise ConfigError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER}: its save was "
                           f"interrupted or it is not a checkpoint folder){hint}. Pass a complete checkpoint "
                           "folder or checkpoint.resume=auto")
+
+    def _newest_intact(self) -> Optional[Path]:
+        """Auto-resume's choice: the newest complete checkpoint whose files are as its marker recorded them;
+        every damaged newer one is named in a warning. CheckpointError when every complete one is damaged
+        (starting over silently would throw the run away)."""
+        done = list_checkpoints(self.run_dir)
+        damaged = []
+        for c in reversed(done):
+            problem = checkpoint_problem(c.path, read_marker(c.path) or {})
+            if problem is None:
+                if damaged:
+                    log.warning("resuming from %s instead (the newest intact checkpoint)", c.path)
+                return c.path
+            log.warning("checkpoint %s is damaged, not resuming from it: %s", c.path, problem)
+            damaged.append(problem)
+        if damaged:
+            raise CheckpointError(f"checkpoint.resume=auto: every complete checkpoint in {self.dir} is damaged (the "
+                                  f"newest: {damaged[0]}); restore the files, or move the checkpoints away and start "
+                                  "over (checkpoint.resume=none)")
+        return None
 
     def restore(self, point: ResumePoint, load_fn: Optional[LoadFn] = None) -> None:
         """Load a resume point on every rank: the backend's files (``load_fn``), then every registered part,
@@ -475,6 +551,41 @@ def _part(states: Mapping[str, Any], name: str, ckpt: Path, rank: int) -> Any:
                           f"saved without it, e.g. with ema.enabled=false); resume with the settings it was saved "
                           "with, or start a new run (checkpoint.resume=none)")
     return states[name]
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    """Every file of a checkpoint folder (relative path -> bytes), except the marker and temporary files."""
+    out = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.name != MARKER and not f.name.startswith("."):
+            out[f.relative_to(path).as_posix()] = f.stat().st_size
+    return out
+
+
+def checkpoint_problem(path: Union[str, os.PathLike], marker: Mapping[str, Any]) -> Optional[str]:
+    """What is wrong with the files of a complete checkpoint, or None: a rank file of its world size missing,
+    or a file recorded in the marker missing or of another size. Stats only, nothing is read."""
+    path = Path(path)
+    world = int(marker.get("world_size", 1))
+    expected: dict[str, Optional[int]] = {rank_file(path, r).name: None for r in range(world)}
+    recorded = marker.get("files")
+    if isinstance(recorded, dict):  # markers of older versions record no files: their rank files are checked
+        expected.update(recorded)
+    for name, size in expected.items():
+        file = path / name
+        try:
+            actual = file.stat().st_size
+        except FileNotFoundError:
+            return f"{file} is missing"
+        except OSError as e:
+            return f"{file} cannot be read ({e.strerror})"
+        if size is not None and actual != size:
+            return f"{file} has {actual} bytes where {MARKER} recorded {size} (truncated or overwritten)"
+    return None
+
+
+def _intact(checkpoints: list[CheckpointInfo]) -> list[CheckpointInfo]:
+    return [c for c in checkpoints if checkpoint_problem(c.path, read_marker(c.path) or {}) is None]
 
 
 def rank_file(ckpt: Union[str, os.PathLike], rank: int) -> Path:

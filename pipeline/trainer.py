@@ -48,6 +48,7 @@ from pipeline.metrics import MetricsLogger, StageAccounting, Throughput, evaluat
 from pipeline.optim import accumulation_steps, lr_schedule
 from pipeline.preemption import PreemptionHandler
 from pipeline.progressive import Stage, StageSchedule, resolve_total_steps
+from pipeline.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +215,10 @@ class Trainer:
         self.control_group = distributed.control_group()  # every rank, right after the process group starts
         # first, so that a preemption warning during start-up (loading, conversion) is not fatal
         self.preempt = PreemptionHandler.from_config(cfg.checkpoint, rank=self.rank)
+        # One job per run dir (pipeline.runlock): rank 0 opens and locks it; an unusable or busy one fails here
+        self.run_lock = RunLock(self.run_dir)
+        distributed.on_rank0(self.run_lock.acquire)
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
         self.logger: Optional[MetricsLogger] = None
 
@@ -440,6 +443,7 @@ class Trainer:
             extra = self.recipe.finish(self, results)
         summary = self._summary(losses, preempted, extra)
         self.logger.close()
+        self.run_lock.release()
         return summary
 
     def _backend_line(self) -> str:

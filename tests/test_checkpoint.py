@@ -18,6 +18,7 @@ import torch
 from pipeline.checkpoint import (
     MARKER,
     CheckpointManager,
+    ResumePoint,
     capture_rng_state,
     checkpoints_dir,
     latest,
@@ -288,7 +289,11 @@ def test_world_size_change_asks_for_a_universal_checkpoint(tmp_path):
 def test_complete_checkpoint_missing_a_rank_file_fails_clearly(tmp_path):
     path = _save_all_ranks(tmp_path, 10, 2)
     (path / "rank-00001.pt").unlink()
-    point = _manager(tmp_path, rank=0, world_size=2).resolve_resume()  # rank 0 decides for everyone
+    # Found before anything is loaded (rank 0 decides for everyone); the only checkpoint: nothing to fall back on.
+    with pytest.raises(ConfigError, match=r"every complete checkpoint .* is damaged .*rank-00001\.pt is missing"):
+        _manager(tmp_path, rank=0, world_size=2).resolve_resume()
+    # A file that goes between the decision and the load is still named by the load.
+    point = ResumePoint(path=path, step=10, marker=read_marker(path), saved_world_size=2, world_size=2)
     assert _restored(_manager(tmp_path, rank=0, world_size=2), point).value == {"rank": 0}
     with pytest.raises(ConfigError, match="lacks rank-00001.pt"):
         _restored(_manager(tmp_path, rank=1, world_size=2), point)
