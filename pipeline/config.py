@@ -223,6 +223,9 @@ class DataConfig(_Section):
     """Below this eval size: centre crop with ratio size / (size + 32); at or above: resize the whole image."""
     max_bad_fraction: float = 0.01
     """Stop with an error when more than this fraction of samples fail to decode."""
+    verify_checksums: bool = False
+    """Check every sample's members against the sha256 digests the shard writer recorded (format version 2); a
+    mismatch is a bad sample. ~0.1 ms per 100 KB sample."""
 
     def _check(self) -> None:
         _require(len(self.mean) == 3 and len(self.std) == 3, "data.mean", "mean and std need 3 values (RGB)")

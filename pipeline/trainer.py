@@ -229,6 +229,10 @@ class Trainer:
                                          num_classes=cfg.model.num_classes, label_smoothing=t.label_smoothing,
                                          seed=t.seed, rank=self.rank, world_size=self.world_size)
         self.num_classes = self.loader.num_classes
+        # The validation data too (every run ends with an evaluation): a missing val shard or split fails here,
+        # not at the first evaluation hours in. Cheap: the index is read, nothing is decoded.
+        build_eval_loader(d, image_size=d.eval_image_size, micro_batch_size=1, rank=self.rank,
+                          world_size=self.world_size, num_classes=self.num_classes)
         self.train_samples = self.loader.dataset_samples
         self.steps_per_epoch = self.train_samples / t.global_batch_size
         self.total_steps = resolve_total_steps(t, self.train_samples)

@@ -86,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per-class", type=int, default=None, help="demo: training images per class (default 60)")
     g.add_argument("--image-size", type=int, default=None, help="demo: longer side in pixels (default 160)")
 
-    v = sub.add_parser("verify", help="decode every sample and check it against info.json")
+    v = sub.add_parser("verify", help="check every sample's checksums, decode it, check it against info.json")
     v.add_argument("out", metavar="OUT")
     v.add_argument("--workers", type=int, default=_default_workers())
-    v.add_argument("--no-decode", action="store_true", help="check structure and counts only (fast)")
+    v.add_argument("--no-decode", action="store_true", help="check structure, counts and checksums only (fast)")
     v.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("stats", help="class histogram and sizes")

@@ -12,7 +12,9 @@ from typing import Any
 from . import ShardError
 
 FORMAT = "effnetv2-shards"
-FORMAT_VERSION = 1
+# Version 2 adds checksums (see "Checksums" below); version 1 shards (none) stay readable.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 INFO_NAME = "info.json"
 TIMM_INFO_NAME = "_info.json"  # timm's wds reader looks for this name first (then info.json, which it cannot read)
 # Extra split names in _info.json, each an alias of one of ours: timm's train.py asks for `validation` by default.
@@ -29,6 +31,88 @@ SHARD_RE = re.compile(r"^(train|val)-(\d{6})\.tar$")
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 # Tar (ustar) member names hold at most 100 characters; ".jpg_small" takes 10 of them.
 MAX_KEY_LEN = 80
+
+
+# ------------------------------------------------------------------------------------------- checksums
+#
+# A version-2 writer records (info.json says "checksums": "sha256"):
+# - per shard: "sha256" of the whole tar file, beside "bytes" in its info.json entry (`sha256sum` checks it too);
+# - per sample: in the sample's json member, "sha256": {ext: hex digest of that member's bytes} for cls, jpg and
+#   jpg_small, plus "json": the digest of the json member itself, computed over `dumps_canonical` of the json
+#   with that one entry left out. Every member of a sample is covered, the json included; a member listed
+#   there but absent (a damaged tar header hides it) is as wrong as one whose bytes differ.
+# A flipped byte inside a JPEG usually still decodes (libjpeg repairs what it can and warns at most), so
+# decoding a shard does not find corruption: the digests do. Version 1 shards carry none.
+CHECKSUM = "sha256"
+_CHUNK = 1 << 20
+
+
+def member_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a whole file, read in chunks (the per-shard checksum)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def add_sample_digests(meta: dict, members: dict[str, bytes]) -> dict:
+    """``meta`` (the sample's json, without digests) with its "sha256" entry for ``members`` (ext -> bytes,
+    the json itself excluded) and for the json."""
+    digests = {ext: member_digest(data) for ext, data in members.items() if ext != "json"}
+    out = {**meta, CHECKSUM: digests}
+    digests["json"] = member_digest(dumps_canonical(out))
+    return out
+
+
+def check_sample(members: dict, required: bool = True) -> list[str]:
+    """Problems of one sample against its recorded digests: ``members`` ext -> bytes (keys starting with "__"
+    are ignored). Empty when every member matches; "no checksums" is a problem only when ``required``."""
+    raw = members.get("json")
+    if not isinstance(raw, (bytes, bytearray)):
+        return ["json member missing: no checksums to check"] if required else []
+    try:
+        meta = json.loads(raw)
+        digests = meta.get(CHECKSUM) if isinstance(meta, dict) else None
+    except (ValueError, UnicodeDecodeError):
+        return ["json member is not valid JSON (corrupt)"]
+    if not isinstance(digests, dict) or not isinstance(digests.get("json"), str):
+        return [f"json member holds no {CHECKSUM} digests (corrupt, or written without checksums)"] if required \
+            else []
+    problems = []
+    canonical = dumps_canonical(meta) == bytes(raw)
+    recorded_json = digests.pop("json")
+    if not canonical or member_digest(dumps_canonical(meta)) != recorded_json:
+        problems.append("json differs from its recorded sha256 (corrupt)")
+    exts = {k for k in members if not k.startswith("__") and k != "json"}
+    for ext in sorted(exts | set(digests)):
+        if ext not in exts:
+            problems.append(f"{ext} listed in its checksums but absent (a damaged tar header, or removed)")
+        elif ext not in digests:
+            problems.append(f"{ext} has no recorded sha256")
+        elif not isinstance(members[ext], (bytes, bytearray, memoryview)):
+            problems.append(f"{ext} is not a regular file member")
+        elif member_digest(bytes(members[ext])) != digests[ext]:
+            problems.append(f"{ext} differs from its recorded sha256 (corrupt)")
+    return problems
+
+
+def unsafe_shard_name(name: Any) -> str | None:
+    """Why a shard name from info.json may not be used, or None. Names are paths relative to the shard folder
+    (or URLs): an absolute path, a `..` component or a `file:` URL would read files outside the folder."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return "not a non-empty file name"
+    if "://" in name and not name.startswith("file:"):
+        return None  # a remote shard (http(s), s3, ...): fetched, never a local path
+    if name.startswith(("file:", "/")) or os.path.isabs(name):
+        return "an absolute path (shard names are relative to the folder of info.json)"
+    if ".." in re.split(r"[/\\]", name):
+        return "a path with '..' (shard names must stay inside the folder of info.json)"
+    return None
 
 
 def shard_name(split: str, index: int) -> str:
@@ -90,12 +174,18 @@ def read_info(out: str | os.PathLike) -> dict:
         raise ShardError(f"{path}: not readable JSON ({e}); rewrite the shards") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ShardError(f"{path}: not an {FORMAT} info file (format={info.get('format')!r})")
-    if info.get("version") != FORMAT_VERSION:
-        raise ShardError(f"{path}: format version {info.get('version')}, this tool reads version "
-                         f"{FORMAT_VERSION}; rewrite the shards with this version of the tool")
+    if info.get("version") not in READABLE_VERSIONS:
+        raise ShardError(f"{path}: format version {info.get('version')}, this tool reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}; rewrite the shards with this version of the tool")
     for field in ("num_classes", "classes", "splits"):
         if field not in info:
             raise ShardError(f"{path}: key {field!r} missing; rewrite the shards")
+    for split, s in info["splits"].items():
+        for entry in s.get("shards", []) if isinstance(s, dict) else []:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            problem = unsafe_shard_name(name)
+            if problem:
+                raise ShardError(f"{path}: shard name {name!r} in split {split!r} is {problem}; refused")
     return info
 
 

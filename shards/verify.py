@@ -18,28 +18,38 @@ from PIL import Image
 
 from .format import (
     BAD_NAME,
+    CHECKSUM,
     KEY_RE,
     REQUIRED_EXTS,
     SAMPLE_EXTS,
     SHARD_RE,
     TIMM_INFO_NAME,
+    check_sample,
+    file_sha256,
     read_info,
     timm_info,
     timm_info_difference,
 )
 
-MAX_ERRORS_PER_SHARD = 20
+MAX_ERRORS_PER_SHARD = 100
 
 
-def _samples(path: Path, read: Callable[[str], bool]) -> Iterator[tuple[str, dict]]:
+def _samples(path: Path, read: Callable[[str], bool],
+             on_gap: Callable[[int, int], None] = lambda offset, size: None) -> Iterator[tuple[str, dict]]:
     """(key, {ext: bytes or member size}) per sample of a shard, members grouped by key in tar order.
 
     Members whose extension `read` rejects are not read (the tar reader seeks over them); their size stands in.
+    A damaged member header is passed over (tarfile's ignore_zeros resyncs at the next valid header): the
+    bytes skipped are reported through ``on_gap(offset, size)`` and that member is absent from its sample.
     Raises tarfile.TarError / OSError / EOFError when the tar is truncated or corrupt.
     """
-    with tarfile.open(path, "r:") as tf:
+    with tarfile.open(path, "r:", ignore_zeros=True) as tf:
         key, members = None, {}
+        expected = 0  # where the next header should start
         for m in tf:
+            if m.offset != expected:
+                on_gap(expected, m.offset - expected)
+            expected = m.offset_data + m.size + (-m.size) % tarfile.BLOCKSIZE
             k, _, ext = m.name.partition(".")
             if k != key:
                 if key is not None:
@@ -67,6 +77,11 @@ def _decode(data: bytes, what: str, max_side: int) -> Optional[str]:
     try:
         img = Image.open(io.BytesIO(data))
         fmt = img.format
+        # from the header alone, before any pixel is decoded: a decompression bomb costs nothing here
+        if max_side and max(img.size) > max_side:
+            return f"{what} is {img.size[0]}x{img.size[1]}, larger than max side {max_side}"
+        if img.size[0] * img.size[1] > (Image.MAX_IMAGE_PIXELS or float("inf")):
+            return f"{what} claims {img.size[0]}x{img.size[1]} pixels, above PIL's limit {Image.MAX_IMAGE_PIXELS}"
         img.load()
     except Exception as e:  # any decoder failure is a finding, not a crash
         return f"{what} does not decode ({type(e).__name__}: {e})"
@@ -77,8 +92,13 @@ def _decode(data: bytes, what: str, max_side: int) -> Optional[str]:
     return None
 
 
-def check_shard(path: str, num_classes: int, max_side: int, small_side: int, decode: bool = True) -> dict:
-    """Read every sample of one shard and check it; returns counts, key hashes and the errors found."""
+def check_shard(path: str, num_classes: int, max_side: int, small_side: int, decode: bool = True,
+                sha256: Optional[str] = None, checksums: bool = False) -> dict:
+    """Read every sample of one shard and check it; returns counts, key hashes and the errors found.
+
+    ``sha256``: the whole file's recorded digest (None: not recorded); ``checksums``: every sample must carry
+    its members' digests (format version 2), checked whether or not images are decoded.
+    """
     path = Path(path)
     name = path.name
     errors: list[str] = []
@@ -90,8 +110,21 @@ def check_shard(path: str, num_classes: int, max_side: int, small_side: int, dec
     def error(msg: str) -> None:
         errors.append(f"{name}: {msg}")
 
+    if sha256 is not None:
+        try:
+            if file_sha256(path) != sha256:
+                error(f"{CHECKSUM} of the file differs from info.json: the shard changed after it was written "
+                      "(the damaged samples are listed below where they can be located); rewrite it")
+        except OSError as e:
+            error(f"unreadable ({e})")
+
+    def gap(offset: int, size: int) -> None:
+        error(f"damaged tar header at byte {offset}: {size} bytes passed over to the next member (the member "
+              "there is missing from its sample)")
+
+    read = (lambda ext: True) if (decode or checksums) else (lambda ext: ext in ("cls", "json"))
     try:
-        for key, members in _samples(path, lambda ext: decode or ext in ("cls", "json")):
+        for key, members in _samples(path, read, gap):
             samples += 1
             where = f"sample {key!r}"
             if not KEY_RE.match(key):
@@ -107,6 +140,10 @@ def check_shard(path: str, num_classes: int, max_side: int, small_side: int, dec
                     ([f"unexpected members {unknown}"] if unknown else []) +
                     ([f"missing members {missing}"] if missing else [])))
                 continue
+            if checksums:
+                problems = check_sample(members)
+                if problems:
+                    error(f"{where}: " + "; ".join(problems))
             try:
                 label = int(members["cls"].decode("ascii"))
             except (ValueError, UnicodeDecodeError, AttributeError):
@@ -154,6 +191,11 @@ def check_timm_info(out: Path, info: dict) -> Optional[str]:
     return None if diff is None else f"{TIMM_INFO_NAME} disagrees with info.json: {diff}; {fix}"
 
 
+def _check_item(item: tuple[str, Optional[str]], **kw) -> dict:
+    path, sha256 = item
+    return check_shard(path, sha256=sha256, **kw)
+
+
 @dataclass
 class Report:
     errors: list[str] = field(default_factory=list)
@@ -165,7 +207,7 @@ class Report:
         return not self.errors
 
 
-def _map_shards(fn: Callable, paths: list[str], workers: int, progress: bool, desc: str) -> list:
+def _map_shards(fn: Callable, paths: list, workers: int, progress: bool, desc: str) -> list:
     from tqdm import tqdm  # noqa: PLC0415 - tqdm: progress bars only
 
     with tqdm(total=len(paths), unit="shard", desc=desc, disable=not progress, file=sys.stderr) as bar:
@@ -218,8 +260,15 @@ def verify(out: str | Path, workers: int = 1, decode: bool = True, progress: boo
         report.warnings.append(f"{len(stray)} shard files not listed in info.json (ignored by loaders): "
                                f"{', '.join(stray[:5])}")
 
-    fn = partial(check_shard, num_classes=num_classes, max_side=max_side, small_side=small_side, decode=decode)
-    results = _map_shards(fn, [str(p) for _, _, p in todo], workers, progress, "verify")
+    checksums = info.get("checksums") == CHECKSUM
+    if not checksums:
+        report.warnings.append(f"info.json records no checksums (format version {info.get('version')}): damage "
+                               "inside an image that still decodes cannot be found; rewrite the shards with this "
+                               "toolkit to add them")
+    fn = partial(_check_item, num_classes=num_classes, max_side=max_side, small_side=small_side, decode=decode,
+                 checksums=checksums)
+    results = _map_shards(fn, [(str(p), entry.get(CHECKSUM)) for _, entry, p in todo], workers, progress,
+                          "verify")
     all_keys = []
     for split in info["splits"]:
         found, counts = 0, np.zeros(num_classes, dtype=np.int64)

@@ -23,6 +23,7 @@ from typing import Optional
 from . import ShardError, __version__
 from .format import (
     BAD_NAME,
+    CHECKSUM,
     FORMAT,
     FORMAT_VERSION,
     INFO_NAME,
@@ -30,7 +31,9 @@ from .format import (
     SPLITS,
     TIMM_INFO_NAME,
     WORK_DIR,
+    add_sample_digests,
     dumps_canonical,
+    file_sha256,
     read_info,
     timm_info,
     timm_info_difference,
@@ -147,7 +150,7 @@ def write_shard(task: ShardTask, ctx: _Context, progress: _Progress) -> dict:
                     members.append(("jpg_small", red.small))
                     small_samples += 1
                     small_bytes += len(red.small)
-                members.append(("json", dumps_canonical(meta)))
+                members.append(("json", dumps_canonical(add_sample_digests(meta, dict(members)))))
                 for ext, data in members:
                     tar.addfile(_tarinfo(f"{s.key}.{ext}", len(data)), io.BytesIO(data))
                 samples += 1
@@ -156,7 +159,8 @@ def write_shard(task: ShardTask, ctx: _Context, progress: _Progress) -> dict:
         f.flush()
         os.fsync(f.fileno())
     result = {"name": task.name, "split": task.split, "index": task.index, "samples": samples,
-              "bytes": tmp.stat().st_size, "small_samples": small_samples, "small_bytes": small_bytes,
+              "bytes": tmp.stat().st_size, CHECKSUM: file_sha256(tmp),  # read back: what is on disk
+              "small_samples": small_samples, "small_bytes": small_bytes,
               "bad": bad, "class_counts": sorted(class_counts.items()), "fingerprint": ctx.fingerprint}
     # The result first, then the shard: a shard under its final name always has a result beside it.
     write_json_atomic(out / WORK_DIR / f"{task.name}.json", result, indent=None)
@@ -227,7 +231,8 @@ def _finished(out: Path, plan: Plan) -> dict[str, dict]:
             result = json.loads(meta.read_text())
         except (OSError, ValueError):
             continue
-        if result.get("fingerprint") == plan.fingerprint and result.get("bytes") == tar.stat().st_size:
+        if result.get("fingerprint") == plan.fingerprint and result.get("bytes") == tar.stat().st_size \
+                and CHECKSUM in result:
             done[t.name] = result
     return done
 
@@ -299,7 +304,8 @@ def write(listing: Listing, out: str | os.PathLike, opts: WriteOptions = WriteOp
     if opts.small_copy and opts.max_side and opts.small_copy >= opts.max_side:
         raise ShardError(f"--small-copy {opts.small_copy} must be below --max-side {opts.max_side}")
     options = opts.recorded()
-    header = {"tool_version": __version__, "source": listing.source,
+    # the format version is part of the fingerprint: a write begun by another version is never mixed into this one
+    header = {"tool_version": __version__, "format_version": FORMAT_VERSION, "source": listing.source,
               "options": {k: v for k, v in options.items() if k != "max_bad_fraction"}}
     plan = make_plan(listing, opts.plan, header)
     for note in plan.notes:
@@ -392,7 +398,8 @@ def _info(listing: Listing, plan: Plan, opts: WriteOptions, results: list[dict])
                 class_counts[label] += n
         splits[split] = {"samples": sum(r["samples"] for r in rs), "bytes": sum(r["bytes"] for r in rs),
                          "bad_samples": sum(len(r["bad"]) for r in rs),
-                         "shards": [{"name": r["name"], "samples": r["samples"], "bytes": r["bytes"]} for r in rs],
+                         "shards": [{"name": r["name"], "samples": r["samples"], "bytes": r["bytes"],
+                                     CHECKSUM: r[CHECKSUM]} for r in rs],
                          "class_counts": class_counts}
     small = None
     if opts.small_copy:
@@ -402,5 +409,5 @@ def _info(listing: Listing, plan: Plan, opts: WriteOptions, results: list[dict])
             "source": listing.source, "seed": opts.plan.seed, "options": opts.recorded(),
             "tool_version": __version__, "num_classes": len(plan.classes),
             "classes": [{"index": i, "wnid": c.wnid, "name": c.name} for i, c in enumerate(plan.classes)],
-            "splits": splits, "small_copy": small, "multi_label": listing.multi_label,
+            "splits": splits, "small_copy": small, "multi_label": listing.multi_label, "checksums": CHECKSUM,
             "fingerprint": plan.fingerprint}

@@ -24,7 +24,11 @@ Decoders (``data.decoder``; ``auto`` takes the first one installed, chosen once 
 - ``pil``: PIL with ``draft`` for DCT scaling.
 
 Whatever the decoder, data it refuses (a JPEG flavour it does not read, corrupt bytes) goes to PIL, which either
-decodes it or raises :class:`DecodeError` naming the sample.
+decodes it or raises :class:`DecodeError` naming the sample; except damage simplejpeg's strict mode reports
+("Corrupt JPEG data", "Premature end"), which PIL would decode into garbage without a word: that is a
+DecodeError at once. Most damage inside entropy-coded data decodes without any warning in every decoder: only
+the shard checksums find it (``data.verify_checksums``, shards/README.md). A header claiming more pixels than
+``PIL.Image.MAX_IMAGE_PIXELS`` is refused before any decode (a decompression bomb).
 Decoding only the crop's region (stopping after its last MCU row, skipping the columns outside it) needs
 TurboJPEG 3's cropping-region API, which no maintained Python binding exposes yet (PyTurboJPEG 2 wraps only its
 lossless crop transform, which costs a full entropy decode plus a re-encode: measured no faster than a full
@@ -109,6 +113,19 @@ Box = tuple[int, int, int, int]
 
 class DecodeError(ValueError):
     """A sample's image cannot be decoded (corrupt, truncated, not an image, missing)."""
+
+
+# libjpeg's warnings for damaged entropy data or a cut file. simplejpeg's strict mode raises them; PIL would then
+# decode the same bytes into garbage without a word, so these are final, not a reason to try PIL.
+_CORRUPT_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file")
+
+
+def _check_pixels(size: tuple[int, int], what: str) -> None:
+    """Refuse a header claiming more pixels than PIL's limit (a decompression bomb), before any decode."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        raise DecodeError(f"{what}: the header claims {size[0]}x{size[1]} pixels, above the limit {limit} "
+                          "(PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb or a damaged header")
 
 
 def _image_bytes(sample: Mapping, key: str) -> Optional[bytes]:
@@ -201,12 +218,14 @@ class SampleImage:
         self.size, self.is_jpeg = _header(data, f"sample {self.key}")
         if self.size[0] < 1 or self.size[1] < 1:
             raise DecodeError(f"sample {self.key}: image has size {self.size}")
+        _check_pixels(self.size, f"sample {self.key}")
 
     def _small_size(self) -> Optional[tuple[int, int]]:
         if self._small_data is None:
             return None
         try:
             size, is_jpeg = _header(self._small_data, f"sample {self.key} (jpg_small)")
+            _check_pixels(size, f"sample {self.key} (jpg_small)")
         except DecodeError:
             return None  # the original is still usable: a broken small copy only costs speed
         return size if is_jpeg and size[0] > 0 and size[1] > 0 else None
@@ -255,6 +274,8 @@ class SampleImage:
                                              min_height=-(-sh // k))
             except ValueError as e:  # corrupt, or a flavour libjpeg-turbo's RGB output refuses (CMYK): PIL decides
                 tv_error = str(e).splitlines()[-1] if str(e) else type(e).__name__
+                if tv_error.startswith(_CORRUPT_WARNINGS):
+                    raise DecodeError(f"{what}: cannot decode: {tv_error}") from e
             else:
                 if arr.shape[:2] == (-(-sh // k), -(-sw // k)):
                     return torch.from_numpy(arr).permute(2, 0, 1), k

@@ -44,6 +44,7 @@ import functools
 import json
 import math
 import random
+import sys
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -75,11 +76,13 @@ from .shards import (
     DatasetReaders,
     SplitIndex,
     TrainPlan,
+    check_damage,
     eval_addresses,
     eval_ranges,
     load_split,
     sample_seed,
     stable_seed,
+    verify_sample,
 )
 from .transforms import EvalTransform, TrainTransform
 
@@ -130,11 +133,42 @@ def _label_maps(splits: Sequence[SplitIndex]) -> list[Optional[np.ndarray]]:
     return maps
 
 
-def _shard_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int) -> Source:
+def _check_splits(splits: Sequence[SplitIndex], cfg: DataConfig, world_size: int, rank: int, what: str) -> None:
+    """At start, not hours in: damage visible from file sizes, and checksums asked for but not recorded.
+
+    Training data: errors. Validation data (``what`` data.val, built at the first evaluation): warnings only,
+    as its damaged samples are left out of the metrics and counted, never trained on.
+    """
+    def warn(msg: str) -> None:
+        if rank == 0:
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+    train = what == "data.train"
+    for i, s in enumerate(splits):
+        where = f"{what}[{i}]" if train else what
+        if cfg.verify_checksums and not s.checksums:
+            msg = (f"data.verify_checksums=true but {s.info_path} records no checksums (shards written before "
+                   "format version 2)")
+            if train:
+                raise DataError(f"{msg}: rewrite them with `python -m shards write ...`, or set "
+                                "data.verify_checksums=false")
+            warn(f"{msg}: its samples are read unchecked")
+        try:
+            warning = check_damage(s, cfg.max_bad_fraction, world_size, where)
+        except DataError as e:
+            if train:
+                raise
+            warning = str(e)
+        if warning:
+            warn(warning)
+
+
+def _shard_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int, rank: int = 0) -> Source:
     if not cfg.train:
         raise DataError("data.train is empty: list shard folders written by `python -m shards write` "
                         "(or set data.hf_dataset to a datasets folder)")
     splits = [load_split(root, cfg.train_split) for root in cfg.train]
+    _check_splits(splits, cfg, world_size, rank, "data.train")
 
     def make_plan(world_size: int, workers: int, exclude=None, segment: int = 0) -> TrainPlan:
         return TrainPlan(splits, weights=cfg.train_weights or None, seed=seed, world_size=world_size,
@@ -214,8 +248,9 @@ class _TrainReaders(IterableDataset):
 
     def __init__(self, *, source: Source, plan: Plan, epoch: int, rank: int, workers: int, positions: list[int],
                  start_reader: int, batch_size: int, transform: Callable, num_classes: int, smoothing: float,
-                 mixup: float, cutmix: float, seed: int):
+                 mixup: float, cutmix: float, seed: int, verify_checksums: bool = False):
         self.plan, self.epoch, self.rank = plan, epoch, rank
+        self.verify_checksums = verify_checksums
         self.make_fetch = source.make_fetch
         self.multi_label, self.label_maps = list(source.multi_label), list(source.label_maps)
         self.workers = max(1, workers)
@@ -253,6 +288,8 @@ class _TrainReaders(IterableDataset):
         key = content.get("__key__", "?")
         d = address.dataset
         try:
+            if self.verify_checksums:
+                verify_sample(content)
             labels = _parse_labels(content, self.multi_label[d], self.label_maps[d], self.num_classes)
             s = sample_seed(self.sample_base, key if not address.occurrence else f"{key}#{address.occurrence}")
             random.seed(s)
@@ -470,7 +507,8 @@ class TrainLoader:
             source=self.source, plan=self.plan, epoch=self.epoch, rank=self.rank, workers=self.readers_per_rank,
             positions=self.positions, start_reader=self.next_reader, batch_size=self.micro_batch_size,
             transform=self._transform_now(), num_classes=self.num_classes, smoothing=self.label_smoothing,
-            mixup=float(self.stage.mixup), cutmix=float(self.stage.cutmix), seed=self.seed)
+            mixup=float(self.stage.mixup), cutmix=float(self.stage.cutmix), seed=self.seed,
+            verify_checksums=self.cfg.verify_checksums)
         if self.num_workers == 0:
             self._dl = None
             self._it = iter(readers)
@@ -655,9 +693,12 @@ def build_train_loader(cfg: DataConfig, *, stage: Stage, micro_batch_size: Optio
     readers = max(1, workers)
     resolve_decoder(cfg.decoder)  # a decoder that is not installed: refused here, not in a worker
     if cfg.hf_dataset:
+        if cfg.verify_checksums:
+            raise DataError("data.verify_checksums=true needs shards (a datasets folder records no checksums): set "
+                            "data.verify_checksums=false")
         source = _hf_source(cfg, seed=seed, world_size=world_size, workers=readers, split=cfg.hf_train_split)
     else:
-        source = _shard_source(cfg, seed=seed, world_size=world_size, workers=readers)
+        source = _shard_source(cfg, seed=seed, world_size=world_size, workers=readers, rank=rank)
     _check_stage(stage)
     mbs = micro_batch_size or stage.micro_batch_size
     if not mbs:
@@ -676,8 +717,9 @@ class _EvalReaders(IterableDataset):
 
     def __init__(self, *, ranges: list[tuple[int, int]], addresses: Callable[[int, int], Iterator[Address]],
                  make_fetch: Callable[[], Fetch], batch_size: int, transform: Callable, image_size: int,
-                 num_classes: int, multi_label: bool):
+                 num_classes: int, multi_label: bool, verify_checksums: bool = False):
         self.ranges, self.addresses, self.make_fetch = ranges, addresses, make_fetch
+        self.verify_checksums = verify_checksums
         self.batch_size, self.transform, self.image_size = batch_size, transform, image_size
         self.num_classes, self.multi_label = num_classes, multi_label
 
@@ -706,6 +748,8 @@ class _EvalReaders(IterableDataset):
             return _Decoded(None, None, content.key, content.reason)
         key = content.get("__key__", "?")
         try:
+            if self.verify_checksums:
+                verify_sample(content)
             labels = _parse_labels(content, self.multi_label, None, self.num_classes)
             return _Decoded(self.transform(content), labels, key, None)
         except Exception as e:
@@ -749,7 +793,8 @@ class EvalLoader:
 
     def __init__(self, *, ranges_by_rank: list[list[tuple[int, int]]], rank: int,
                  addresses: Callable[[int, int], Iterator[Address]], make_fetch: Callable[[], Fetch], workers: int,
-                 batch_size: int, transform: Callable, image_size: int, num_classes: int, multi_label: bool):
+                 batch_size: int, transform: Callable, image_size: int, num_classes: int, multi_label: bool,
+                 verify_checksums: bool = False):
         self.num_workers = max(0, workers)
         self.batch_size = batch_size
         self.image_size = image_size
@@ -757,7 +802,8 @@ class EvalLoader:
         self.num_batches = max(sum(math.ceil((b - a) / batch_size) for a, b in r) for r in ranges_by_rank)
         self._readers = _EvalReaders(ranges=ranges_by_rank[rank], addresses=addresses, make_fetch=make_fetch,
                                      batch_size=batch_size, transform=transform, image_size=image_size,
-                                     num_classes=num_classes, multi_label=multi_label)
+                                     num_classes=num_classes, multi_label=multi_label,
+                                     verify_checksums=verify_checksums)
         self.bad_samples = 0
 
     def __len__(self) -> int:
@@ -798,18 +844,21 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int
 
         make_fetch: Callable[[], Fetch] = _Same(src)
         k, multi, describe = src.num_classes, src.multi_label, f"{cfg.hf_dataset} [{split}]"
+        check_sums = False
     else:
         root = cfg.val or (cfg.train[0] if cfg.train else None)
         if root is None:
             raise DataError("no validation data: set data.val (or data.train) to a shard folder, or data.hf_dataset")
         split = split or cfg.val_split
         s = load_split(root, split)
+        _check_splits([s], cfg, world_size, rank, "data.val")
         total = s.samples
 
         addresses = functools.partial(eval_addresses, s)
 
         make_fetch = functools.partial(DatasetReaders, [s])
         k, multi, describe = s.num_classes, s.multi_label, f"{root} [{split}]"
+        check_sums = cfg.verify_checksums and s.checksums
     if num_classes and num_classes < k:
         raise DataError(f"the model has {num_classes} classes but {describe} has {k}")
     k = num_classes or k
@@ -817,4 +866,4 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int
     by_rank = [ranges[r * readers:(r + 1) * readers] for r in range(world_size)]
     return EvalLoader(ranges_by_rank=by_rank, rank=rank, addresses=addresses, make_fetch=make_fetch,
                       workers=workers, batch_size=micro_batch_size, transform=transform, image_size=image_size,
-                      num_classes=k, multi_label=multi)
+                      num_classes=k, multi_label=multi, verify_checksums=check_sums)

@@ -35,12 +35,19 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 from webdataset.gopen import gopen
 
-from shards.format import FORMAT, FORMAT_VERSION, INFO_NAME  # the writer's contract, defined once
+from shards.format import (  # the writer's contract, defined once
+    CHECKSUM,
+    FORMAT,
+    INFO_NAME,
+    READABLE_VERSIONS,
+    check_sample,
+    unsafe_shard_name,
+)
 
 from .protocol import Address, Content, Fetch, Missing
 from .tar import TarStream
 
-SUPPORTED_VERSIONS = (FORMAT_VERSION,)
+SUPPORTED_VERSIONS = READABLE_VERSIONS
 WRITE_HINT = "python -m shards write KIND SRC OUT"
 
 # _address(Address, (d, i, s, m, o)) is Address(d, i, s, m, o) without the argument handling of its __new__: the
@@ -136,6 +143,14 @@ class SplitIndex:
     counts: tuple[int, ...]
     offsets: tuple[int, ...] = field(default=(), compare=False)
     """Global index of each shard's first sample (cumulative counts)."""
+    sha256: tuple[Optional[str], ...] = field(default=(), compare=False)
+    """Per shard: the whole file's recorded sha256 (None where info.json has none, format version 1). Nothing
+    reads a shard in one piece yet (the loader streams members); where something does (a download, a cache),
+    it checks this with shards.format.file_sha256."""
+    checksums: bool = field(default=False, compare=False)
+    """Every sample's json carries its members' sha256 (format version 2): see shards.format.check_sample."""
+    damaged: tuple[tuple[str, int, int, int], ...] = field(default=(), compare=False)
+    """Local shards whose size differs from info.json's ``bytes``: (name, size, recorded bytes, samples)."""
 
     @property
     def num_shards(self) -> int:
@@ -176,28 +191,41 @@ def load_split(root: str, split: str, *, check_files: bool = True) -> SplitIndex
     shards = entry.get("shards") if isinstance(entry, dict) else None
     if not isinstance(shards, list):
         raise DataError(f"{path}: splits.{split}.shards is missing or not a list; rewrite the shards")
-    urls, names, counts = [], [], []
+    urls, names, counts, digests, recorded_bytes = [], [], [], [], []
     for i, s in enumerate(shards):
         if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("samples"), int) \
                 or s["samples"] < 0:
             raise DataError(f"{path}: splits.{split}.shards[{i}] needs a 'name' and a non-negative integer "
                             f"'samples' (got {s!r}); rewrite the shards")
+        unsafe = unsafe_shard_name(s["name"])
+        if unsafe:
+            raise DataError(f"{path}: splits.{split}.shards[{i}].name {s['name']!r} is {unsafe}; refused. Shard "
+                            "names are file names inside the shard folder: rewrite the shards with "
+                            f"`{WRITE_HINT}`, or fix the name")
         if s["samples"] == 0:
             continue
         names.append(s["name"])
         urls.append(_join(root, s["name"]))
         counts.append(int(s["samples"]))
+        digests.append(s.get(CHECKSUM) if isinstance(s.get(CHECKSUM), str) else None)
+        recorded_bytes.append(s.get("bytes") if isinstance(s.get("bytes"), int) else None)
     declared = entry.get("samples")
     if isinstance(declared, int) and declared != sum(counts):
         raise DataError(f"{path}: splits.{split}.samples is {declared} but its shards hold {sum(counts)}; the file "
                         "is inconsistent: rewrite the shards")
     if not urls:
         raise DataError(f"{path}: split {split!r} has no samples; write shards with `{WRITE_HINT}`")
+    damaged = []
     if check_files:
         missing = [u for u in urls if not is_url(u) and not os.path.isfile(u)]
         if missing:
             raise DataError(f"{path}: {len(missing)} of {len(urls)} {split} shards listed there do not exist (first: "
                             f"{missing[0]}); copy the missing files or rewrite the shards")
+        for name, url, want, n in zip(names, urls, recorded_bytes, counts):
+            if want is not None and not is_url(url):
+                size = os.path.getsize(url)
+                if size != want:
+                    damaged.append((name, size, want, n))
     num_classes = info["num_classes"]
     if not isinstance(num_classes, int) or num_classes < 1:
         raise DataError(f"{path}: num_classes must be a positive integer (got {num_classes!r})")
@@ -205,7 +233,44 @@ def load_split(root: str, split: str, *, check_files: bool = True) -> SplitIndex
     return SplitIndex(root=root, info_path=path, name=str(info.get("name", os.path.basename(root.rstrip("/")))),
                       split=split, num_classes=num_classes, classes=tuple(info.get("classes") or ()),
                       multi_label=bool(info.get("multi_label", False)), urls=tuple(urls), names=tuple(names),
-                      counts=tuple(counts), offsets=offsets)
+                      counts=tuple(counts), offsets=offsets, sha256=tuple(digests),
+                      checksums=info.get("checksums") == CHECKSUM, damaged=tuple(damaged))
+
+
+def check_damage(split: SplitIndex, max_bad_fraction: float, world_size: int, what: str) -> Optional[str]:
+    """Shards whose size differs from info.json (emptied, truncated, replaced): None when there are none; else a
+    warning line (their unreadable samples are skipped and counted), or a DataError now when zero-byte shards
+    alone would put the rank that reads them over ``data.max_bad_fraction`` in the first epoch (the run would
+    stop there, hours in). One reader reads a shard, so its rank sees the loss among samples / world_size.
+
+    A truncated shard's loss is only estimated here (from the bytes missing) and never stops the start: the
+    threshold applies when it is read. A shard that grew or changed at the same size is not seen here.
+    """
+    if not split.damaged:
+        return None
+    certain = sum(n for _, size, _, n in split.damaged if size == 0)
+    about = sum(n * max(0, want - size) // max(1, want) for _, size, want, n in split.damaged)
+    listed = ", ".join(f"{name}: {size} bytes, info.json says {want}" for name, size, want, _ in split.damaged[:3])
+    more = f" and {len(split.damaged) - 3} more" if len(split.damaged) > 3 else ""
+    head = (f"{what} ({split.info_path}): {len(split.damaged)} shard(s) differ in size from info.json ({listed}"
+            f"{more}), about {about} of {split.samples} samples lost")
+    if certain * world_size > max_bad_fraction * split.samples:
+        raise DataError(f"{head}, above data.max_bad_fraction={max_bad_fraction:g} for the rank that reads them "
+                        f"({world_size} rank(s)). Restore or rewrite those shards (`python -m shards verify "
+                        f"{split.root}` lists the damage), or raise data.max_bad_fraction")
+    return (f"{head}; their unreadable samples are skipped and counted against data.max_bad_fraction "
+            f"(check with `python -m shards verify {split.root}`)")
+
+
+class ChecksumMismatch(ValueError):
+    """A sample's members differ from the sha256 digests its json records (counted as a bad sample)."""
+
+
+def verify_sample(sample: dict) -> None:
+    """Raises :class:`ChecksumMismatch` naming the damaged members of a sample (data.verify_checksums)."""
+    problems = check_sample(sample)
+    if problems:
+        raise ChecksumMismatch("; ".join(problems))
 
 
 # ------------------------------------------------------------------------------------- order and split
