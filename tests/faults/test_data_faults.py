@@ -156,7 +156,9 @@ def test_twenty_flips_in_a_photo_shard_are_all_reported_by_verify(photos, tmp_pa
     data = bytearray(shard.read_bytes())
     n = len(data)
     rng = np.random.default_rng(14)
-    positions = sorted(int(p) for p in rng.choice(np.arange(n // 3, 2 * n // 3), 20, replace=False))
+    positions = [int(p) for p in rng.choice(np.arange(n // 3, 2 * n // 3), 19, replace=False)]
+    # and one in the header of the first jpg_small of the middle third (a header flip hides its member)
+    positions.append(next(head for name, head, _, _ in members if head > n // 3 and name.endswith(".jpg_small")) + 7)
     for p in positions:
         data[p] ^= int(rng.integers(1, 256))
     shard.write_bytes(bytes(data))
@@ -176,6 +178,7 @@ def test_twenty_flips_in_a_photo_shard_are_all_reported_by_verify(photos, tmp_pa
         assert key in lines, f"flipped member {name} not reported"
         assert f"{ext} differs from its recorded sha256" in lines[key] or "bad json" in lines[key] or \
             (ext != "json" and f"missing members ['{ext}']" in lines[key]), lines[key]
+    assert in_header
     for name, head in in_header:  # a damaged header hides its member: the gap and the absent member are named
         key, ext = name.split(".", 1)
         assert f"damaged tar header at byte {head}" in out
