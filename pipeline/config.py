@@ -26,6 +26,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 import sys
 import typing
@@ -73,6 +74,29 @@ def _field_types(section: type) -> dict[str, Any]:
 def _require(cond: bool, key: str, msg: str):
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def _in_range(section: "_Section", name: str, lo: float, hi: float = math.inf, *, hi_open: bool = False,
+              lo_open: bool = False, what: str = "") -> None:
+    """``section.name`` (each entry of a list; None passes) within [lo, hi], an open end where asked."""
+    value = getattr(section, name)
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v is None:
+            continue
+        ok = (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+        if hi == math.inf:
+            bound = f"{'>' if lo_open else '>='} {lo:g}"
+        else:
+            bound = f"within {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        _require(ok, f"{section.KEY}.{name}", f"must be {bound}{what}, got {value!r}")
+
+
+def _ordered(section: "_Section", low: str, high: str, what: str) -> None:
+    """A progressive range: the first stage's value (``low``) at most the last stage's (``high``)."""
+    lo_v, hi_v = getattr(section, low), getattr(section, high)
+    _require(lo_v is None or hi_v is None or lo_v <= hi_v, f"{section.KEY}.{low}",
+             f"{lo_v} is above {section.KEY}.{high} ({hi_v}): the stages go from {low} to {high}, {what}; "
+             "swap them, or set both to one value for no change")
 
 
 class _Section:
@@ -168,15 +192,23 @@ class ProgressiveConfig(_Section):
     tensor cores)."""
 
     def _check(self) -> None:
-        _require(self.num_stages >= 1, "progressive.num_stages", "must be at least 1")
+        _require(self.num_stages >= 1, "progressive.num_stages", f"must be at least 1, got {self.num_stages}")
         _require(0 < self.min_image_size <= self.max_image_size, "progressive.min_image_size",
-                 f"must be positive and at most progressive.max_image_size ({self.max_image_size})")
-        _require(self.size_multiple >= 1, "progressive.size_multiple", "must be at least 1")
+                 f"must be positive and at most progressive.max_image_size ({self.max_image_size}), got "
+                 f"{self.min_image_size}")
+        _require(self.size_multiple >= 1, "progressive.size_multiple", f"must be at least 1, got {self.size_multiple}")
         _require(not self.stage_micro_batch or len(self.stage_micro_batch) == self.num_stages,
                  "progressive.stage_micro_batch", f"has {len(self.stage_micro_batch)} entries for "
                  f"{self.num_stages} stages; give one per stage or none")
         _require((self.min_drop_path is None) == (self.max_drop_path is None), "progressive.min_drop_path",
                  "set both min_drop_path and max_drop_path, or neither")
+        for name in ("min_randaug", "max_randaug", "min_mixup", "max_mixup", "min_cutmix", "max_cutmix"):
+            _in_range(self, name, 0)
+        for name in ("min_dropout", "max_dropout", "min_drop_path", "max_drop_path"):
+            _in_range(self, name, 0, 1, hi_open=True, what=" (a probability)")
+        _in_range(self, "stage_micro_batch", 1)
+        for what in ("randaug", "mixup", "cutmix", "dropout", "drop_path"):  # (image size: above)
+            _ordered(self, f"min_{what}", f"max_{what}", "growing with the image size")
 
 
 @dataclass
@@ -233,7 +265,18 @@ class DataConfig(_Section):
                  "needs [min, max] with 0 < min <= max <= 1")
         _require(not self.train_weights or len(self.train_weights) == len(self.train), "data.train_weights",
                  f"has {len(self.train_weights)} weights for {len(self.train)} datasets")
-        _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be within [0, 1]")
+        _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction",
+                 f"must be within [0, 1], got {self.max_bad_fraction}")
+        _in_range(self, "std", 0, lo_open=True)
+        _require(len(self.crop_ratio) == 2 and 0 < self.crop_ratio[0] <= self.crop_ratio[1], "data.crop_ratio",
+                 f"needs [min, max] with 0 < min <= max, got {list(self.crop_ratio)}")
+        _in_range(self, "train_weights", 0)
+        _require(not self.train_weights or sum(self.train_weights) > 0, "data.train_weights",
+                 "needs at least one positive weight")
+        for name in ("workers", "shuffle_buffer", "randaug_ops", "cutout", "eval_crop_threshold"):
+            _in_range(self, name, 0)
+        _in_range(self, "eval_image_size", 1)
+        _in_range(self, "hflip", 0, 1, what=" (a probability)")
 
 
 @dataclass
@@ -271,6 +314,13 @@ class OptimConfig(_Section):
                  "must not be negative")
         _require(self.clip_grad_norm >= 0, "optim.clip_grad_norm", f"must be >= 0 (0 disables), got "
                  f"{self.clip_grad_norm}")
+        for name in ("lr_per_256", "eps", "adam_eps", "decay_rate"):
+            _in_range(self, name, 0, lo_open=True)
+        for name in ("weight_decay", "decay_epochs"):
+            _in_range(self, name, 0)
+        for name in ("momentum", "rmsprop_decay", "betas"):
+            _in_range(self, name, 0, 1, hi_open=True)
+        _in_range(self, "min_lr_ratio", 0, 1)
 
 
 @dataclass
@@ -287,7 +337,8 @@ class EMAConfig(_Section):
     """Update the EMA every this many optimizer steps."""
 
     def _check(self) -> None:
-        _require(0 <= self.decay < 1, "ema.decay", "must be within [0, 1)")
+        _require(0 <= self.decay < 1, "ema.decay", f"must be within [0, 1), got {self.decay}")
+        _in_range(self, "every", 1)
 
 
 @dataclass
@@ -306,6 +357,10 @@ class CheckpointConfig(_Section):
     preempt_check_every: int = 1
     """Steps between preemption checks (one 1-element all-reduce each); raise it if that shows in step time."""
 
+    def _check(self) -> None:
+        _in_range(self, "every_steps", 0, what=" (0: only at stage ends, the end and on preemption)")
+        _in_range(self, "preempt_check_every", 1)
+
 
 @dataclass
 class EvalConfig(_Section):
@@ -320,6 +375,11 @@ class EvalConfig(_Section):
     """0: the whole validation split."""
     micro_batch_size: int = 0
     """0: train.micro_batch_size."""
+
+    def _check(self) -> None:
+        _in_range(self, "every_steps", 0, what=" (0: only at the end)")
+        _in_range(self, "max_batches", 0, what=" (0: the whole split)")
+        _in_range(self, "micro_batch_size", 0, what=" (0: train.micro_batch_size)")
 
 
 @dataclass
@@ -351,7 +411,13 @@ class TrainConfig(_Section):
 
     def _check(self) -> None:
         _require(self.global_batch_size > 0 and self.micro_batch_size > 0, "train.global_batch_size",
-                 "global and micro batch sizes must be positive")
+                 f"train.global_batch_size and train.micro_batch_size must be positive, got "
+                 f"{self.global_batch_size} and {self.micro_batch_size}")
+        for name in ("total_steps", "epochs", "seed"):
+            _in_range(self, name, 0)
+        for name in ("log_every", "collective_timeout_s"):
+            _in_range(self, name, 1)
+        _in_range(self, "label_smoothing", 0, 1, hi_open=True)
 
 
 @dataclass
@@ -371,6 +437,10 @@ class FinetuneConfig(_Section):
     export_format: ExportFormat = "ours"
     """Layout of the final export: 'ours' (RUN_DIR/export: model.safetensors + model.json), 'timm' (RUN_DIR/export_timm:
     timm's hub layout, timm.create_model('local-dir:RUN_DIR/export_timm', pretrained=True)) or 'both'."""
+    allow_pickle: bool = False
+    """Accept an init that is a pickle file (.pth / .pt / .bin). Unpickling can run code that the file brings, so
+    such an init is refused unless this is true; even then it is read with torch.load(weights_only=True), which
+    accepts tensors and plain containers only. A .safetensors file or an export folder needs neither."""
 
 
 @dataclass
@@ -417,42 +487,105 @@ DEEPSPEED_RESERVED = {
 """DeepSpeed keys that the ``deepspeed:`` pass-through may not set, and the key that sets each."""
 
 
+# DeepSpeed offloads only with these ZeRO stages and ignores the option silently with others (its ZeRO config docs)
+ZERO_OFFLOAD_STAGES = {"offload_optimizer": (1, 2, 3), "offload_param": (3,)}
+
+
 def check_deepspeed_passthrough(passthrough: dict, zero_stage: int) -> None:
-    """The ``deepspeed:`` pass-through against the sections: no key that a section sets, and no ZeRO stage other
-    than train.zero_stage."""
+    """The ``deepspeed:`` pass-through against the sections: no key that a section sets, no ZeRO stage other
+    than train.zero_stage, and no offload that train.zero_stage would ignore."""
     clash = sorted(set(passthrough) & set(DEEPSPEED_RESERVED))
     if clash:
         raise ConfigError("deepspeed: " + "; ".join(f"'{k}' comes from {DEEPSPEED_RESERVED[k]}" for k in clash)
                           + " (one source of truth); remove it from the deepspeed: section")
-    stage = (passthrough.get("zero_optimization") or {}).get("stage", zero_stage)
+    zero = passthrough.get("zero_optimization") or {}
+    _require(isinstance(zero, dict), "deepspeed.zero_optimization", f"must be a mapping of DeepSpeed ZeRO options "
+             f"(e.g. offload_optimizer: {{device: cpu}}), got {zero!r}")
+    stage = zero.get("stage", zero_stage)
     _require(stage == zero_stage, f"deepspeed.zero_optimization.stage={stage}",
              f"disagrees with train.zero_stage={zero_stage}; set train.zero_stage only")
+    for key, stages in ZERO_OFFLOAD_STAGES.items():
+        offload = zero.get(key)
+        if offload is None:
+            continue
+        _require(isinstance(offload, dict), f"deepspeed.zero_optimization.{key}",
+                 f"must be a mapping such as {{device: cpu}}, got {offload!r}")
+        _require(offload.get("device", "none") in ("none", None) or zero_stage in stages,
+                 f"deepspeed.zero_optimization.{key}", f"DeepSpeed offloads only with ZeRO stage "
+                 f"{' / '.join(map(str, stages))} and would ignore it with train.zero_stage={zero_stage}; set "
+                 f"train.zero_stage={stages[-1]} or remove the offload")
 
 
 def _schema():
     return OmegaConf.structured(Config)
 
 
+def _yaml_error(where: str, e: yaml.YAMLError, position: bool = True) -> ConfigError:
+    """One line: the file (or override), the line and column, and what is wrong. OmegaConf reads YAML with a safe
+    loader: a python/* tag (which an unsafe loader would turn into a call) has no constructor and ends here."""
+    mark = getattr(e, "problem_mark", None) if position else None
+    at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    if "python/" in problem and "constructor" in problem:
+        problem += ": config files are plain YAML (mappings, lists, numbers, strings); python/* tags are refused"
+    return ConfigError(f"{where}{at}: cannot parse YAML: {problem}")
+
+
 def _load_yaml(path: Path):
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass one of the files under {CONFIG_DIR}")
     try:
-        return OmegaConf.load(path)
-    except Exception as e:  # yaml syntax errors
-        raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise _yaml_error(str(path), e) from None
+    except (OSError, UnicodeDecodeError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{path}: cannot read it as YAML: {_short(e)}") from None
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"{path}: holds a {type(loaded).__name__.replace('Config', '').lower()} at the top, not "
+                          "sections (train:, optim:, ...) of key: value lines; see configs/base.yaml")
+    return loaded
 
 
-def _merge(base, delta, source: str):
+# OmegaConf's wording for a few mistakes, said in the config's terms
+_PLAIN_WORDS = (
+    ("is not a ListConfig, TupleConfig, list, or tuple", "expected a list, e.g. [a, b]"),
+    ("is not a subclass of", "expected a section (key: value lines), not a single value"),
+    ("is not Optional", "may not be empty (null)"),
+)
+
+
+def _merge(base, delta, source: str, key_hint: str = ""):
     try:
         return OmegaConf.merge(base, delta)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"{source}: key '{key}': {_short(e)}; see configs/base.yaml for the keys and "
+        key = getattr(e, "full_key", None) or _failing_key(base, delta) or key_hint or "?"
+        raise ConfigError(f"{source}: key '{key}': {_plain(e)}; see configs/base.yaml for the keys and "
                           "their types") from None
 
 
+def _failing_key(base, delta) -> Optional[str]:
+    """The top-level key of ``delta`` whose merge fails (OmegaConf does not name it when a whole section is of
+    the wrong kind, e.g. ``train: 5``)."""
+    if not OmegaConf.is_dict(delta):
+        return None
+    for key in delta:
+        try:
+            OmegaConf.merge(base, {key: delta[key]})
+        except OmegaConfBaseException:
+            return str(key)
+    return None
+
+
+def _plain(e: Exception) -> str:
+    text = _short(e)
+    for theirs, ours in _PLAIN_WORDS:
+        if theirs in text:
+            return ours
+    return text
+
+
 def _short(e: Exception) -> str:
-    return str(e).splitlines()[0]
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -467,12 +600,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.total_steps=1000)")
         key, value = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"override '{item}': no key before '=' (e.g. train.total_steps=1000)")
         try:
             delta = OmegaConf.from_dotlist([f"{key}={value}"])
+        except yaml.YAMLError as e:  # the value is read as YAML (safely)
+            raise _yaml_error(f"override '{item}'", e, position=False) from None
         except OmegaConfBaseException as e:
             raise ConfigError(f"override '{item}': {_short(e)}") from None
-        cfg = _merge(cfg, delta, f"override '{item}'")
-    return OmegaConf.to_object(cfg)  # builds the sections and the Config: each checks itself once
+        cfg = _merge(cfg, delta, f"override '{item}'", key_hint=key)
+    try:
+        return OmegaConf.to_object(cfg)  # builds the sections and the Config: each checks itself once
+    except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that points nowhere
+        raise ConfigError(f"key '{getattr(e, 'full_key', None) or '?'}': {_short(e)}") from None
 
 
 def validate(cfg: Config) -> None:

@@ -45,7 +45,8 @@ class Finetune(Recipe):
         fl.check_export_format(cfg.model, cfg.finetune.export_format)
         self.init = None
         if self.init_src.kind != "deepspeed":
-            self.init = fl.load_init(self.init_src, weights=cfg.finetune.init_weights)
+            self.init = fl.load_init(self.init_src, weights=cfg.finetune.init_weights,
+                                     allow_pickle=cfg.finetune.allow_pickle)
             fl.check_architecture(self.init, cfg.model)
 
     def build_model(self, trainer: Trainer) -> nn.Module:

@@ -5,7 +5,9 @@ class lists and the result table. The :class:`pipeline.finetune.Finetune` recipe
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -29,6 +31,8 @@ from pipeline.models import (
 )
 
 TIMM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+"""Init files that are pickles (torch.save): refused unless finetune.allow_pickle is true."""
 _WNID_RE = re.compile(r"^n\d{8}$")
 _INIT_HELP = ("pass an export folder (python -m pipeline.export RUN_DIR --ema --out DIR), a pretraining run dir "
               "or its checkpoints/step-N folder, or a timm checkpoint file (.pth / .safetensors)")
@@ -177,8 +181,12 @@ def export_is_of(export_dir: Path, src: InitSource) -> bool:
     return (source.get("run_dir") == str(Path(src.run_dir).resolve()) and source.get("step") == step)
 
 
-def load_init(src: InitSource, *, weights: str = "auto") -> InitWeights:
-    """Load the weights of an export folder or a timm file (a DeepSpeed source must be consolidated first)."""
+def load_init(src: InitSource, *, weights: str = "auto", allow_pickle: bool = False) -> InitWeights:
+    """Load the weights of an export folder or a timm file (a DeepSpeed source must be consolidated first).
+
+    A pickle file (.pth / .pt / .bin) is refused unless ``allow_pickle`` (finetune.allow_pickle): unpickling can
+    run code the file brings. When allowed it is read with ``torch.load(weights_only=True)``, which refuses any
+    object but tensors and plain containers without running it."""
     if src.kind == "export":
         try:
             state, meta = load_export(src.path)
@@ -192,6 +200,11 @@ def load_init(src: InitSource, *, weights: str = "auto") -> InitWeights:
                            classes=normalize_classes(meta.get("classes") or []), options=dict(arch.get("options", {})),
                            weights=(meta.get("source") or {}).get("weights", "raw"), meta=meta)
     if src.kind == "timm":
+        if src.path.name.endswith(PICKLE_SUFFIXES) and not allow_pickle:
+            raise FinetuneError(f"init={src.path}: a pickle file, refused because unpickling can run code that the "
+                                "file brings; pass a .safetensors file or an export folder, or, for a file you "
+                                "trust, set finetune.allow_pickle=true (it is then read with torch.load("
+                                "weights_only=True): tensors only)")
         state, used = _read_timm_file(src.path, weights)
         return InitWeights(src, state, weights=used)
     raise AssertionError(f"load_init({src.kind}): consolidate DeepSpeed checkpoints first")
@@ -202,8 +215,16 @@ def _read_timm_file(path: Path, weights: str) -> tuple[dict, str]:
         if path.name.endswith(".safetensors"):
             obj: Any = load_file(str(path))
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt / truncated / pickled objects beyond tensors
+            with warnings.catch_warnings():  # "pickle protocol 4 ..." and the like: the error below says enough
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # objects beyond tensors: refused by the weights-only unpickler, never run
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                      "not tensors")
+        raise FinetuneError(f"init={path}: holds pickled objects other than tensors ({detail}); they were not "
+                            "loaded, since unpickling them could run code. Pass a .safetensors file or an export "
+                            "folder") from None
+    except Exception as e:  # corrupt / truncated
         raise FinetuneError(f"init={path}: cannot read it as a checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}); pass a timm .pth / .safetensors "
                             "file") from None

@@ -11,11 +11,13 @@ import logging
 import sys
 from typing import Optional
 
+import torch
 from torch import nn
 
 from pipeline import distributed
-from pipeline.config import ConfigError, load_config, model_options
+from pipeline.config import Config, ConfigError, load_config, model_options
 from pipeline.data.shards import DataError
+from pipeline.engine import build_ds_config
 from pipeline.export import ExportError
 from pipeline.models import create_model
 from pipeline.trainer import Recipe, Trainer
@@ -25,6 +27,18 @@ class Pretrain(Recipe):
     """A new model of ``model.name`` for the training data's classes, trained with DeepSpeed."""
 
     backend = "deepspeed"
+
+    def check(self, cfg: Config) -> None:
+        """The DeepSpeed config of every stage's micro-batch on the launch's world size: a global batch that
+        does not split into ranks x micro-batches, or ZeRO options that do not fit together, fail here, on every
+        rank alike, before any process group or data exists."""
+        t, p = cfg.train, cfg.progressive
+        world = distributed.detect_env().world_size
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        micros = p.stage_micro_batch if p.enabled else p.stage_micro_batch[-1:]  # one stage: the last entry's
+        for micro in sorted(set(micros) or {t.micro_batch_size}):
+            build_ds_config(t, cfg.optim, cfg.deepspeed, micro_batch_size=micro, world_size=world,
+                            device_type=device_type)
 
     def build_model(self, trainer: Trainer) -> nn.Module:
         m = trainer.cfg.model

@@ -160,12 +160,12 @@ def test_timm_file_init_prefers_ema_weights(tmp_path, capsys):
     raw, ema = create_model(MODEL, num_classes=8), create_model(MODEL, num_classes=8)
     path = tmp_path / "timm_ckpt.pth"
     torch.save({"epoch": 3, "state_dict": to_timm_state_dict(raw), "state_dict_ema": to_timm_state_dict(ema)}, path)
-    init = fl.load_init(fl.classify_init(str(path)), weights="auto")
+    init = fl.load_init(fl.classify_init(str(path)), weights="auto", allow_pickle=True)  # a pickle: opted in
     assert init.weights == "ema"
     model = fl.build_model(init, ModelConfig(name=MODEL), [{"index": i} for i in range(3)], head_seed=True)
     assert torch.equal(model.state_dict()["stem.conv.weight"], ema.state_dict()["stem.conv.weight"])
     assert model.classifier.out_features == 3
-    assert fl.load_init(fl.classify_init(str(path)), weights="raw").weights == "raw"
+    assert fl.load_init(fl.classify_init(str(path)), weights="raw", allow_pickle=True).weights == "raw"
     with pytest.raises(fl.FinetuneError, match="does not fit efficientnetv2_b0"):
         fl.build_model(init, ModelConfig(name="efficientnetv2_b0"), [{"index": 0}], head_seed=True)
 
