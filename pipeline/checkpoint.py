@@ -40,6 +40,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,7 @@ class CheckpointManager:
         self.parts: dict[str, Part] = {}
         self.last_saved_step: Optional[int] = None
         self._barrier_fn = barrier
+        self._ranks: Optional[list[dict]] = None
 
     def register(self, name: str, obj: Stateful, *, scope: Scope = "rank") -> None:
         """Save ``obj`` with every checkpoint and restore it on resume (see :class:`Part`); order is kept."""
@@ -333,10 +335,31 @@ class CheckpointManager:
         self.last_saved_step = step
         return path
 
+    def _ranks_info(self) -> list[dict]:
+        """Where every rank runs (host, local rank, rendezvous), gathered once over the control group: the marker
+        records it, so a checkpoint says which hosts wrote it."""
+        if self._ranks is None:
+            mine: dict[str, Any] = {"rank": self.rank, "host": socket.gethostname()}
+            try:
+                env = distributed.detect_env()
+                mine.update(local_rank=env.local_rank, local_world_size=env.local_world_size,
+                            master_addr=env.master_addr)
+            except distributed.DistributedError:  # launcher variables this process cannot read: the host is enough
+                pass
+            group = distributed.control_group() if self._barrier_fn is None else None
+            if group is not None and self.world_size > 1:
+                gathered: list = [None] * self.world_size
+                torch.distributed.all_gather_object(gathered, mine, group=group)
+                self._ranks = gathered
+            else:
+                self._ranks = [mine]
+        return self._ranks
+
     def _write(self, step: int, payload: dict, save_fn: Optional[SaveFn], extra: Optional[Mapping[str, Any]]) -> None:
         """The part of :meth:`save` that writes: the backend's files and this rank's file, then the marker."""
         tag = step_tag(step)
         path = self.dir / tag
+        ranks = self._ranks_info()  # every rank, before anything can fail on one of them only
         if save_fn is not None:
             save_fn(self.dir, tag)
         path.mkdir(parents=True, exist_ok=True)
@@ -356,6 +379,7 @@ class CheckpointManager:
                 "settings_hash": None if self.settings is None else settings_hash(self.settings),
                 "settings": self.settings,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "ranks": ranks,
                 "files": file_sizes(path),
             })
             _atomic_write_json(path / MARKER, marker)
