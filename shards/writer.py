@@ -188,11 +188,15 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
     if not overwrite:
         if info_path.is_file():
             try:
-                previous = json.loads(info_path.read_text()).get("fingerprint")
+                existing = json.loads(info_path.read_text())
+                previous, version = existing.get("fingerprint"), existing.get("version")
             except (OSError, ValueError, AttributeError):
-                previous = None
+                previous = version = None
             if previous == fingerprint:
                 return True
+            if isinstance(version, int) and version < FORMAT_VERSION:
+                raise ShardError(f"{out}: holds shards of format version {version} (no checksums); pass --overwrite "
+                                 f"to rewrite them as version {FORMAT_VERSION}, or choose another OUT")
             raise ShardError(f"{out}: already holds a shard set written from another source or with other "
                              "options; pass --overwrite to replace it, or choose another OUT")
         if plan_path.is_file():

@@ -30,6 +30,8 @@ from test_shards import run as shards_cli
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHARD_SIZE = 8
+DEMO_ARGS = ("--classes", 4, "--per-class", 24, "--val-per-class", 2, "--image-size", 48, "--shard-size", SHARD_SIZE,
+             "--workers", 1)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -39,8 +41,7 @@ SHARD_SIZE = 8
 def demo(tmp_path_factory) -> Path:
     """4 classes x 24 train (12 shards of 8) + 2 val per class (1 shard), 48 px, written by the toolkit."""
     out = tmp_path_factory.mktemp("data_faults") / "demo"
-    assert shards_cli("write", "demo", "pretrain", out, "--classes", 4, "--per-class", 24, "--val-per-class", 2,
-                      "--image-size", 48, "--shard-size", SHARD_SIZE, "--workers", 1) == 0
+    assert shards_cli("write", "demo", "pretrain", out, *DEMO_ARGS) == 0
     return out
 
 
@@ -216,7 +217,7 @@ def test_old_shards_without_checksums_stay_readable(demo, tmp_path, capsys):
     root = copy(demo, tmp_path)
 
     def strip(info):
-        info["version"] = 1
+        info["version"], info["fingerprint"] = 1, "written by a version-1 writer"
         del info["checksums"]
         for s in info["splits"].values():
             for e in s["shards"]:
@@ -224,6 +225,10 @@ def test_old_shards_without_checksums_stay_readable(demo, tmp_path, capsys):
     edit_info(root, strip)
     assert shards_cli("verify", root, "--workers", 1) == 0
     assert "warning: info.json records no checksums (format version 1)" in capsys.readouterr().out
+    # the same write again: refused with the way to add checksums
+    assert shards_cli("write", "demo", "pretrain", root, *DEMO_ARGS) == 2
+    assert "holds shards of format version 1 (no checksums); pass --overwrite to rewrite them as version 2" in \
+        capsys.readouterr().err
     keys = write_shards(tmp_path / "v1", [6] * 4)  # the loader tests' hand-made version-1 shards
     assert sorted(keys_of(take(loader(cfg_for([tmp_path / "v1"])), 6))) == sorted(keys)
     with pytest.raises(DataError, match=r"data.verify_checksums=true but \S*v1/info.json records no checksums.*"
