@@ -52,6 +52,7 @@ class AccelerateBackend:
         self._micro_batch_size = train.micro_batch_size
         self._micro_done = 0  # micro-batches done in the current optimizer step
         self._grad_norm: Optional[torch.Tensor] = None
+        self._applied = True
 
     def prepare(self, model: nn.Module, micro_batch_size: int) -> "AccelerateBackend":
         """Our optimizer on ``model`` and both through ``accelerator.prepare`` (DDP with several processes)."""
@@ -103,7 +104,7 @@ class AccelerateBackend:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's mean loss, scaled by the accumulation steps. The previous step's
         gradients are dropped here, at the first micro-batch, not after the optimizer step: they stay readable
-        for :meth:`grad_norm` until then, which is computed only when asked (at log steps)."""
+        until then."""
         if self._micro_done == 0:
             self.optimizer.zero_grad(set_to_none=True)
             self._grad_norm = None
@@ -117,9 +118,20 @@ class AccelerateBackend:
         clip = self.optim_cfg.clip_grad_norm
         if clip > 0:
             self._grad_norm = self.acc.clip_grad_norm_(self._model.parameters(), clip)
-        self.optimizer.step()
+        else:  # measured every step: a step whose gradient is not finite is skipped (see step_applied)
+            self._grad_norm = grad_norm(self._model.parameters())
+        # the norm of the all-reduced gradient: every process decides the same
+        self._applied = self._grad_norm is None or bool(torch.isfinite(self._grad_norm))
+        if self._applied:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         self._micro_done = 0
         return True
+
+    def step_applied(self) -> bool:
+        """Whether the last optimizer step updated the weights (False: skipped, its gradient was not finite)."""
+        return self._applied
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)

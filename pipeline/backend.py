@@ -56,6 +56,10 @@ class Backend(Protocol):
 
     def step(self) -> bool: ...
 
+    def step_applied(self) -> bool:
+        """Whether the last optimizer step updated the weights; False when it was skipped because the (reduced)
+        gradient was not finite. Every rank gets the same answer."""
+
     def set_lr(self, lr: float) -> None: ...
 
     def set_micro_batch_size(self, micro_batch_size: int) -> int:

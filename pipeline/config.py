@@ -408,6 +408,9 @@ class TrainConfig(_Section):
     """SyncBatchNorm instead of averaging BN running statistics across ranks before eval / save."""
     image_grid: bool = True
     """Log a grid of augmented training images at the start of each stage."""
+    max_nonfinite_steps: int = 10
+    """A step whose gradient is NaN / inf is skipped (no update, BN statistics kept) and counted; this many in a
+    row stop the run with an error (the checkpoints saved before them are kept)."""
 
     def _check(self) -> None:
         _require(self.global_batch_size > 0 and self.micro_batch_size > 0, "train.global_batch_size",

@@ -378,6 +378,35 @@ def control_group() -> Optional[dist.ProcessGroup]:
     return group
 
 
+def time_out_every_group(timeout_s: int) -> int:
+    """Give every process group of this process the collective timeout ``timeout_s``; returns how many.
+
+    ``init_process_group``'s timeout holds for the world group only: torch gives a group made by ``new_group``
+    its own default (30 minutes for gloo), and that is where most collectives of a run go (the control group;
+    DeepSpeed's gradient reductions run on its clone of the world group). A rank stopped (SIGSTOP, a hung
+    node) would hold the others for 30 minutes instead of ``train.collective_timeout_s``. Call it once the
+    groups exist (the trainer: after the backend is built); local, no collective."""
+    if not is_initialized():
+        return 0
+    timeout = datetime.timedelta(seconds=timeout_s)
+    groups = list(dist.distributed_c10d._world.pg_map)  # no public list of groups; this is torch's own registry
+    for group in groups:
+        dist.set_timeout(timeout, group)
+    return len(groups)
+
+
+# What gloo and NCCL say when a peer is gone or silent (gloo raises plain RuntimeErrors)
+_PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Broken pipe",
+                  "gloo/transport", "NCCL")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A collective that failed because another rank died or stopped answering (not a bug of this rank)."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_FAILURES)
+
+
 def _portable(error: BaseException) -> BaseException:
     """``error`` if it survives pickling (it travels to the other ranks), else a RuntimeError with its text."""
     try:

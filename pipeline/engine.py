@@ -217,6 +217,7 @@ class Engine:
         # bf16 weights: DeepSpeed casts the module, not its inputs
         self._input_dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else None
         self._grad_norm: Optional[torch.Tensor | float] = None
+        self._applied = True
 
     @classmethod
     def build(cls, model: nn.Module, train: TrainConfig, optim: OptimConfig,
@@ -337,15 +338,27 @@ class Engine:
             # ZeRO 1-3 (and bf16 weights) compute the global norm in their optimizer step; plain stage 0 does
             # not, so measure it here, after DeepSpeed's all-reduce in the boundary backward
             own_norm = grad_norm(self._ds.module.parameters())
+            if own_norm is not None and not self._ds.bfloat16_enabled() and not bool(torch.isfinite(own_norm)):
+                # ZeRO 1-3 and bf16 weights skip a step whose gradient is not finite (DeepSpeed's overflow
+                # check); a plain stage-0 optimizer would write NaN into every weight, so it is skipped here
+                self._ds.zero_grad()
+                self._micro_done, self._grad_norm, self._applied = 0, own_norm, False
+                return True
         self._ds.step()
         if boundary:
             self._micro_done = 0
             norm = self._ds.get_global_grad_norm()
             # kept as DeepSpeed returns it (a device tensor on GPU): no host sync until someone asks
             self._grad_norm = norm if norm is not None else own_norm
+            self._applied = bool(self._ds.was_step_applied())
         else:
             self._micro_done += 1
         return boundary
+
+    def step_applied(self) -> bool:
+        """Whether the last optimizer step updated the weights; False when it was skipped because its gradient
+        was not finite (the same answer on every rank: the norm is of the reduced gradient)."""
+        return self._applied
 
     def set_lr(self, lr: float) -> None:
         """Learning rate of the next optimizer step (every param group)."""

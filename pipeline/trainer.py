@@ -12,6 +12,11 @@ stage is logged. Then ``grad_accum_steps`` micro-batches forward / backward, one
 checkpoint every ``checkpoint.every_steps``, at every stage boundary, at the end, and when a preemption signal
 arrives.
 
+Faults: a step whose (reduced) gradient is not finite updates nothing (the backend skips the optimizer step, the
+BN statistics are put back, no EMA update) and is counted; ``train.max_nonfinite_steps`` of them in a row stop
+the run with a :class:`TrainingError`. A collective that fails because another rank died or stopped answering
+(every process group times out after ``train.collective_timeout_s``) ends the run with one TrainingError line too.
+
 Checkpoint contents (``RUN/checkpoints/step-N``): the backend's files (DeepSpeed's model / optimizer shards, or
 accelerate's state), and per rank ``rank-0000R.pt`` with the RNG states and the registered parts: ``trainer``
 (step, samples seen), ``loader`` (position), ``bn`` (this rank's BN statistics), ``ema`` (rank 0's, or this
@@ -24,7 +29,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -35,8 +42,8 @@ from torch import nn
 
 from pipeline import distributed
 from pipeline.backend import Backend
-from pipeline.bn import averaged_bn_stats, bn_stats_state, convert_sync_bn, load_bn_stats_state
-from pipeline.checkpoint import CheckpointManager, ResumePoint
+from pipeline.bn import averaged_bn_stats, bn_stat_tensors, bn_stats_state, convert_sync_bn, load_bn_stats_state
+from pipeline.checkpoint import CheckpointManager, ResumePoint, latest
 from pipeline.config import Config, ConfigError, frozen_settings, save_resolved
 from pipeline.data.decode import describe_decoder, resolve_decoder
 from pipeline.data.loader import build_eval_loader, build_train_loader
@@ -55,6 +62,12 @@ log = logging.getLogger(__name__)
 TRAINER_STATE_VERSION = 1
 
 
+class TrainingError(ConfigError):
+    """The run cannot go on: too many non-finite steps in a row, or a collective that failed because another rank
+    died or stopped answering. The message names the step, the stage or rank, and the checkpoint to resume
+    from; a ConfigError, so that the entry points print it as one ``error:`` line (exit 2)."""
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -64,6 +77,43 @@ def seed_everything(seed: int) -> None:
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of a rank's own streams (dropout, stochastic depth) after the shared initialisation."""
     return seed * 100_003 + 1 + rank
+
+
+class TestHooks:
+    """Test hooks, off unless their environment variables are set (tests/faults set them; users never do):
+
+    - ``EFFNETV2_TEST_PAUSE=eval,stage,startup,save,exit`` with ``EFFNETV2_TEST_PAUSE_DIR=DIR``: the first time
+      this process reaches a named point (an evaluation; a stage change within the launch, before the loader
+      switches; the start of a resume, before the checkpoint loads; a save, after the backend's files and before
+      the rank files and COMPLETE.json; the end of the training loop, preempted or not), each rank creates
+      ``DIR/POINT.rankR`` and waits until ``DIR/POINT.go`` exists, so that a test can signal or kill the job at
+      exactly that moment.
+    - ``EFFNETV2_TEST_NONFINITE=RANK:STEP,STEP,...``: on that rank, the images of those steps (numbered as they
+      are logged, from 1) are multiplied by inf before the forward: a real non-finite loss and gradient.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.pause_dir = os.environ.get("EFFNETV2_TEST_PAUSE_DIR")
+        self.pause_points = set(filter(None, os.environ.get("EFFNETV2_TEST_PAUSE", "").split(",")))
+        spec = os.environ.get("EFFNETV2_TEST_NONFINITE", "")
+        r, _, steps = spec.partition(":")
+        self.nonfinite_steps = {int(x) for x in steps.split(",") if x} if spec and int(r) == rank else set()
+
+    def pause(self, point: str) -> None:
+        if point not in self.pause_points or not self.pause_dir:
+            return
+        self.pause_points.discard(point)
+        folder = Path(self.pause_dir)
+        (folder / f"{point}.rank{self.rank}").touch()
+        deadline = time.monotonic() + 600
+        while not (folder / f"{point}.go").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def poison(self, step: int, images: torch.Tensor) -> torch.Tensor:
+        return images * float("inf") if step in self.nonfinite_steps else images
 
 
 class Recipe:
@@ -98,15 +148,22 @@ class Counters:
 
     step: int = 0
     samples_seen: int = 0
+    nonfinite_steps: int = 0
+    """Steps skipped because their gradient was not finite, in all; and in a row up to the last step."""
+    nonfinite_in_a_row: int = 0
 
     def state_dict(self) -> dict:
-        return {"version": TRAINER_STATE_VERSION, "step": self.step, "samples_seen": self.samples_seen}
+        return {"version": TRAINER_STATE_VERSION, "step": self.step, "samples_seen": self.samples_seen,
+                "nonfinite_steps": self.nonfinite_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != TRAINER_STATE_VERSION:
             raise ConfigError(f"trainer state version {state.get('version')} is not {TRAINER_STATE_VERSION}; "
                               "resume with the code that wrote it")
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        # (absent from checkpoints written before non-finite steps were counted)
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
 
 
 class _LoaderPart:
@@ -215,6 +272,7 @@ class Trainer:
         self.control_group = distributed.control_group()  # every rank, right after the process group starts
         # first, so that a preemption warning during start-up (loading, conversion) is not fatal
         self.preempt = PreemptionHandler.from_config(cfg.checkpoint, rank=self.rank)
+        self.hooks = TestHooks(self.rank)
         # One job per run dir (pipeline.runlock): rank 0 opens and locks it; an unusable or busy one fails here
         self.run_lock = RunLock(self.run_dir)
         distributed.on_rank0(self.run_lock.acquire)
@@ -259,7 +317,12 @@ class Trainer:
         if cfg.model.compile:
             model.compile()  # in place: state-dict keys stay free of '_orig_mod.'
         self.backend = build_backend(model, self.micro_batch_for(stage), self.resume_point)
+        # every group the backend made too: a rank that stops answering fails the others after the timeout
+        distributed.time_out_every_group(t.collective_timeout_s)
         self.model = self.backend.module
+        self._bn_stats = bn_stat_tensors(self.model)  # restored after a skipped (non-finite) step
+        self._bn_before_step = [b.clone() for b in self._bn_stats]
+        self.step_applied = True  # the last step updated the weights (False: skipped, not finite)
         self.ema = (ModelEMA(self.model, cfg.ema.decay, tf_warmup=cfg.ema.tf_warmup,
                              gathered_parameters=self.backend.gathered_parameters) if cfg.ema.enabled else None)
         self.stage: Optional[Stage] = None
@@ -272,6 +335,7 @@ class Trainer:
         self._register_parts()
         if self.resume_point is not None:
             self.print(self.backend.resume_message(self.resume_point))
+            self.hooks.pause("startup")
             self.ckpt.restore(self.resume_point, self.backend.load_checkpoint)
         if self.is_main:
             # what export needs without the data: classes (with wnids) and the run's image sizes
@@ -322,6 +386,7 @@ class Trainer:
         """The backend's files hold the cross-rank mean of the BN statistics; the ranks go on with their own."""
         with self._bn_averaged():
             self.backend.save_checkpoint(directory, tag)
+        self.hooks.pause("save")
 
     def _save(self) -> None:
         """A checkpoint that does not change the run (see _write_model and the parts)."""
@@ -333,6 +398,8 @@ class Trainer:
 
     def _enter_stage(self, stage: Stage) -> None:
         mb = self.micro_batch_for(stage)
+        if self.stage is not None:  # a change within this launch (not the first stage of a start)
+            self.hooks.pause("stage")
         self.model.set_regularization(dropout=stage.dropout, drop_path=stage.drop_path)
         accum = self.backend.set_micro_batch_size(mb)
         self.loader.set_stage(stage, mb)
@@ -362,6 +429,7 @@ class Trainer:
     def _micro_step(self, batch) -> torch.Tensor:
         dev = self.backend.device
         images = batch["image"].to(dev, non_blocking=True)  # the model makes it channels_last if configured
+        images = self.hooks.poison(self.step + 1, images)
         targets = batch["target"].to(dev, non_blocking=True)
         with self.backend.micro_batch():
             loss = soft_cross_entropy(self.backend.forward(images), targets)
@@ -371,9 +439,13 @@ class Trainer:
 
     def train_step(self, stage: Stage, lr: float) -> torch.Tensor:
         """One optimizer step at ``lr`` (``grad_accum_steps`` micro-batches), the EMA update, the counters;
-        returns this rank's mean loss of the step (a device tensor: no host sync)."""
+        returns this rank's mean loss of the step (a device tensor: no host sync). A step whose gradient is not
+        finite updates nothing: the backend skips the optimizer step, the BN statistics its forwards changed are
+        put back, the EMA is not updated (``step_applied`` False; :meth:`_nonfinite_step` counts it)."""
         cfg = self.cfg
         self.backend.set_lr(lr)
+        if self._bn_stats:
+            torch._foreach_copy_(self._bn_before_step, self._bn_stats)
         step_loss = torch.zeros((), device=self.backend.device)
         accum = self.backend.grad_accum_steps
         images = 0
@@ -385,7 +457,15 @@ class Trainer:
                 self._grid_pending = False
             step_loss += self._micro_step(batch)
             images += batch["image"].shape[0]
-        if self.ema is not None and self.step % cfg.ema.every == 0:
+        self.step_applied = self.backend.step_applied()
+        if not self.step_applied:
+            if self._bn_stats:
+                torch._foreach_copy_(self._bn_stats, self._bn_before_step)
+            self.counters.nonfinite_steps += 1
+            self.counters.nonfinite_in_a_row += 1
+        else:
+            self.counters.nonfinite_in_a_row = 0
+        if self.ema is not None and self.step % cfg.ema.every == 0 and self.step_applied:
             self.ema.update(self.step // cfg.ema.every)
         global_images = images * self.world_size
         self.counters.step += 1
@@ -395,6 +475,17 @@ class Trainer:
         return step_loss / accum
 
     def train(self) -> dict:
+        """Run to the end or to a preemption; returns the summary. A collective that fails (another rank died, or
+        stopped answering for train.collective_timeout_s) ends the run with one TrainingError line."""
+        try:
+            return self._train()
+        except (RuntimeError, TrainingError) as e:
+            self.logger.close()  # the progress bar ends its line: the error gets one of its own
+            if isinstance(e, TrainingError) or not distributed.is_collective_failure(e):
+                raise
+            raise TrainingError(self._collective_failure_message(e)) from None
+
+    def _train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.print(self.schedule.format_table(t.global_batch_size))
         self.print(f"{self.train_samples:,} training samples, {self.num_classes} classes, "
@@ -417,20 +508,26 @@ class Trainer:
                 if stage != self.stage:
                     self._enter_stage(stage)
                 lr = self.lr_fn(self.step)
-                loss_sum += self.train_step(stage, lr)
-                loss_count += 1
+                loss = self.train_step(stage, lr)
+                if self.step_applied:  # a skipped step's loss is not finite: left out of the logged mean
+                    loss_sum += loss
+                    loss_count += 1
 
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     losses.append((self.step, self._log_step(stage, loss_sum / loss_count, lr)))
                     loss_sum.zero_()
                     loss_count = 0
+                if not self.step_applied:
+                    self._nonfinite_step(stage)
 
                 final = self.step == self.total_steps
                 boundary = self.step == stage.end_step and not final
                 if cfg.eval.every_steps > 0 and self.step % cfg.eval.every_steps == 0 and not final:
                     self.evaluate()
                 stop = self.preempt.should_stop()
-                if stop or self.ckpt.should_save(self.step, stage_boundary=boundary, final=final):
+                # no periodic save inside a run of non-finite steps: it could prune the last checkpoint before it
+                regular = final or self.counters.nonfinite_in_a_row == 0
+                if stop or (regular and self.ckpt.should_save(self.step, stage_boundary=boundary, final=final)):
                     self._save()
                 if stop:
                     self.print(f"preemption signal: checkpoint at step {self.step} saved; exiting (rerun the same "
@@ -440,7 +537,11 @@ class Trainer:
                     break
         finally:
             self.loader.close()
-            self.preempt.close()
+            if not preempted:
+                self.preempt.close()
+            # after a preemption its handlers stay until the process exits: a second signal on the way out (SLURM's
+            # SIGTERM after SIGUSR1, a repeated scancel) must not end it with the default action and a failure
+        self.hooks.pause("exit")
         extra = {}
         if not preempted:
             results = self.evaluate()
@@ -449,6 +550,35 @@ class Trainer:
         self.logger.close()
         self.run_lock.release()
         return summary
+
+    def _nonfinite_step(self, stage: Stage) -> None:
+        """After a step whose gradient was not finite (skipped, every rank alike): a warning line, or, the
+        ``train.max_nonfinite_steps``-th in a row, a TrainingError naming the step and the stage."""
+        c, limit = self.counters, self.cfg.train.max_nonfinite_steps
+        where = f"step {self.step} (stage {stage.index + 1}/{len(self.schedule)})"
+        if c.nonfinite_in_a_row < limit:
+            self.print(f"{where}: the gradient is not finite (norm {self.backend.grad_norm()}): update skipped, BN "
+                       f"statistics restored ({c.nonfinite_in_a_row} in a row, {c.nonfinite_steps} in all; "
+                       f"train.max_nonfinite_steps={limit} in a row stop the run)")
+            return
+        done = latest(self.run_dir)
+        kept = (f"the newest checkpoint, {self.ckpt.path(done)}, holds the weights from before them" if done is not None
+                else "no checkpoint was saved before them")
+        first = self.step - c.nonfinite_in_a_row + 1
+        raise TrainingError(f"{where}: the gradient was not finite (NaN or inf) in {c.nonfinite_in_a_row} steps in a "
+                            f"row (steps {first}-{self.step}, train.max_nonfinite_steps={limit}); each was skipped, "
+                            f"and the run stops here. {kept[0].upper() + kept[1:]}: lower optim.lr_per_256, raise "
+                            "optim.warmup_steps or optim.clip_grad_norm, or check the data, then rerun to resume")
+
+    def _collective_failure_message(self, error: BaseException) -> str:
+        # gloo's messages open with its source location, NCCL's run to several sentences: the first one, bare
+        what = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(error).split())).split(". ")[0][:200]
+        done = latest(self.run_dir)
+        resume = (f"rerun the same command to resume from {self.ckpt.path(done)}" if done is not None
+                  else "no checkpoint was saved yet, a rerun starts over")
+        return (f"rank {self.rank}: a collective operation failed after step {self.step}: another rank died or "
+                f"stopped answering for train.collective_timeout_s={self.cfg.train.collective_timeout_s} s (its "
+                f"log says why; here: {what}); {resume}")
 
     def _backend_line(self) -> str:
         b = self.backend
@@ -467,7 +597,8 @@ class Trainer:
         values = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                   "perf/images_per_s": self.throughput.rate, "data/samples_seen": self.samples_seen,
                   "data/bad_samples": int(summed[1]), "data/loader_wait_s": stats["wait_s"],
-                  "data/loader_wait_fraction": stats["wait_fraction"], "train/epoch": self.step / self.steps_per_epoch}
+                  "data/loader_wait_fraction": stats["wait_fraction"], "train/epoch": self.step / self.steps_per_epoch,
+                  "train/nonfinite_steps": self.counters.nonfinite_steps}
         values.update(self._stage_scalars(stage))
         mem = gpu_memory_gb()
         if mem is not None:
@@ -479,6 +610,7 @@ class Trainer:
             with open(self.run_dir / "train_log.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, "loss": mean_loss, "lr": lr, "stage": stage.index,
                                     "image_size": stage.image_size, "grad_norm": grad_norm,
+                                    "nonfinite_steps": self.counters.nonfinite_steps,
                                     "images_per_s": self.throughput.rate}) + "\n")
         return mean_loss
 
@@ -505,6 +637,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Raw and EMA weights on the validation data (BN statistics averaged across ranks for it)."""
+        self.hooks.pause("eval")
         size = self.eval_image_size()
         loader = self._eval_loader(size)
         was_training = self.model.training

@@ -1,0 +1,202 @@
+"""Real 2-rank runs of ``python -m pipeline.pretrain`` for the training and preemption fault tests.
+
+Each rank is started directly, as srun starts the tasks of a job step (RANK / WORLD_SIZE / MASTER_* in its
+environment), not under torchrun: torchrun's agent would kill the other ranks itself when one dies, and the
+tests are about what the trainer does. Each rank's output goes to its own file. The trainer's test hooks
+(``pipeline.trainer.TestHooks``) hold every rank at an exact point (an evaluation, a stage change, a save ...)
+until the test has signalled or killed what it wants; every wait ends on a condition or a timeout.
+
+The runs: tiny_cpu, 12 steps of 16 images (3 stages of 4 steps: 32 / 48 / 64 px), a checkpoint every 2 steps and
+at the stage boundaries (4, 8), an evaluation every 3 steps (one batch). :func:`straight` is the uninterrupted
+run every interrupted one is compared with (shared by both test files through the session's temp folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import pretrain_launch as launch
+from pipeline.checkpoint import latest, list_checkpoints
+from pipeline.distributed import free_port
+
+STEPS = 12
+EVERY = 2
+SETTINGS = [f"train.total_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=0",
+            "eval.every_steps=3", "eval.max_batches=1", "data.workers=0", "train.global_batch_size=16",
+            "train.micro_batch_size=8", "train.image_grid=false"]
+WORLD = 2
+
+
+@dataclass
+class Ranks:
+    """The rank processes of one launch."""
+
+    procs: list[subprocess.Popen]
+    logs: list[Path]
+    pause_dir: Path
+    run_dir: Path
+
+    def out(self, rank: int = 0) -> str:
+        """The rank's stdout, then its stderr."""
+        return self.logs[rank].read_text(errors="replace") + self.err(rank)
+
+    def err(self, rank: int = 0) -> str:
+        return self.logs[rank].with_suffix(".err").read_text(errors="replace")
+
+    def report(self) -> str:
+        return "\n".join(f"--- rank {r}\n{self.out(r)[-4000:]}" for r in range(len(self.procs)))
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def signal(self, sig: signal.Signals, ranks: Iterable[int] = (0, 1)) -> None:
+        for r in ranks:
+            os.kill(self.procs[r].pid, sig)
+
+    def kill9(self, ranks: Iterable[int] = (0, 1)) -> None:
+        """kill -9 of ranks (their whole session: loader workers too), waiting until they are gone."""
+        for r in ranks:
+            p = self.procs[r]
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            p.wait(60)
+
+    def _check_alive(self, what: str) -> None:
+        ended = [(r, p.returncode) for r, p in enumerate(self.procs) if p.poll() is not None]
+        if ended:
+            self.kill9()
+            raise AssertionError(f"rank(s) ended {ended} before {what}:\n{self.report()}")
+
+    def wait_until(self, pred, what: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            self._check_alive(what)
+            if time.monotonic() > deadline:
+                self.kill9()
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{self.report()}")
+            time.sleep(0.02)
+
+    def wait_paused(self, point: str, timeout: float = 180) -> None:
+        """Every rank is held at ``point`` (see pipeline.trainer.TestHooks)."""
+        self.wait_until(lambda: all((self.pause_dir / f"{point}.rank{r}").exists() for r in range(WORLD)),
+                        f"every rank at the '{point}' test hook", timeout)
+
+    def release(self, point: str) -> None:
+        (self.pause_dir / f"{point}.go").touch()
+
+    def wait(self, timeout: float = 180, ranks: Iterable[int] = (0, 1)) -> list[Optional[int]]:
+        """Exit statuses of ``ranks`` (every process is killed on a timeout)."""
+        deadline = time.monotonic() + timeout
+        codes = []
+        for r in ranks:
+            try:
+                codes.append(self.procs[r].wait(max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                self.kill9()
+                raise AssertionError(f"rank {r} did not end within {timeout} s:\n{self.report()}") from None
+        return codes
+
+    def expect_exit(self, codes: list[int], timeout: float = 180) -> None:
+        got = self.wait(timeout)
+        assert got == codes, f"exit statuses {got}, expected {codes}:\n{self.report()}"
+
+
+def start(tmp: Path, run_dir: Path, shards: Path, *extra: str, pause: Iterable[str] = (),
+          env: Optional[dict] = None) -> Ranks:
+    """Both ranks of a run of ``run_dir`` (resuming from its newest complete checkpoint, as users rerun a job)."""
+    logs_dir = tmp / f"ranks-{time.monotonic_ns()}"
+    logs_dir.mkdir(parents=True)
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(WORLD):
+        rank_env = launch.env()
+        rank_env.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1",
+                        EFFNETV2_TEST_PAUSE=",".join(pause), EFFNETV2_TEST_PAUSE_DIR=str(logs_dir), **(env or {}))
+        log = logs_dir / f"rank{rank}.log"
+        cmd = [sys.executable, "-m", "pipeline.pretrain", "--config", launch.CONFIG, f"data.train=[{shards}]",
+               f"train.run_dir={run_dir}", *SETTINGS, *extra]
+        with open(log, "w") as out, open(log.with_suffix(".err"), "w") as err:
+            procs.append(subprocess.Popen(cmd, env=rank_env, cwd=launch.REPO, stdout=out, stderr=err,
+                                          start_new_session=True))
+        logs.append(log)
+    return Ranks(procs, logs, logs_dir, run_dir)
+
+
+def resumes(ranks: Ranks, step: Optional[int]) -> None:
+    """The launch resumed from checkpoint ``step`` (None: started from scratch)."""
+    if step is None:
+        assert "resuming from" not in ranks.out(0), ranks.report()
+    else:
+        ranks.wait_until(lambda: f"step-{step:08d} (step {step})" in ranks.out(0), f"resuming from step {step}")
+
+
+def error_line(ranks: Ranks, rank: int = 0) -> str:
+    """The one ``error:`` line of a rank (on its stderr), which printed no traceback."""
+    text = ranks.out(rank)
+    lines = [line for line in ranks.err(rank).splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in text, ranks.report()
+    return lines[0]
+
+
+@dataclass
+class Chain:
+    """One run dir that a test file takes through its faults in turn, its shards and the uninterrupted run."""
+
+    run_dir: Path
+    shards: Path
+    straight: Path
+
+
+def chain(tmp_path_factory, name: str) -> Chain:
+    data = shards(tmp_path_factory)
+    return Chain(tmp_path_factory.mktemp(name) / "run", data, straight(tmp_path_factory, data))
+
+
+def shards(tmp_path_factory) -> Path:
+    """The demo shards of both test files, written once per session."""
+    out = tmp_path_factory.getbasetemp() / "training-fault-shards" / "demo"
+    if not (out / "info.json").is_file():
+        launch.write_demo_shards(out)
+    return out
+
+
+def straight(tmp_path_factory, data: Path) -> Path:
+    """The uninterrupted run (once per session): every step's logged loss, complete checkpoints 2, 4, ... 12."""
+    root = tmp_path_factory.getbasetemp() / "training-fault-straight"
+    run_dir = root / "run"
+    if latest(run_dir) != STEPS:
+        ranks = start(root, run_dir, data)
+        ranks.expect_exit([0, 0])
+        assert [c.step for c in list_checkpoints(run_dir)] == list(range(EVERY, STEPS + 1, EVERY)), ranks.report()
+    return run_dir
+
+
+def same_as_straight(reference: Path, run_dir: Path) -> None:
+    """Every logged loss of the interrupted and resumed run equals the uninterrupted run's, bit for bit, and so do
+    the final weights (raw, fp32, consolidated from the ZeRO checkpoint)."""
+    a, b = launch.losses_by_step(reference), launch.losses_by_step(run_dir)
+    assert sorted(b) == list(range(1, STEPS + 1)), sorted(b)
+    differ = [(s, a[s], b[s]) for s in sorted(a) if a[s] != b[s]]
+    assert not differ, f"logged losses differ (step, uninterrupted, resumed): {differ[:4]}"
+    wa, wb = launch.final_state(reference, STEPS), launch.final_state(run_dir, STEPS)
+    assert wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa), "final weights differ"
+
+
+def marker_steps(run_dir: Path) -> list[int]:
+    return [c.step for c in list_checkpoints(run_dir)]
+
+
+def log_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
