@@ -207,6 +207,10 @@ def test_loader_checks_per_sample_checksums_when_asked(photos, tmp_path):
     assert not flipped & set(keys), "and none of them reaches a batch"
     assert all("ChecksumMismatch" in b.reason and "differs from its recorded sha256" in b.reason
                for b in ld.bad_examples)
+    # the eval loader too: flipped samples are left out of the metrics and counted
+    ev = build_eval_loader(cfg_for([root], verify_checksums=True), image_size=64, micro_batch_size=8, split="train")
+    valid = [k for b in ev for k, ok in zip(b.key, b.valid.tolist()) if ok]
+    assert ev.bad_samples == len(flipped) and len(valid) == 40 - len(flipped) and not flipped & set(valid)
     # without the option (the default) most of them decode and are trained on as corrupted pixels
     keys, ld = epoch_keys(cfg_for([root], **cfg), mbs=8, st=stage(size=64, mbs=8))
     assert ld.bad_samples < len(flipped) and flipped & set(keys)
