@@ -7,6 +7,7 @@ The ranks of node 2 reach the rendezvous on node 1 over the cluster's bridge, as
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import pytest
 
 import cluster as mn
 import pretrain_launch as launch
-from pipeline.checkpoint import MARKER, step_tag
+from ds_launch import child_env
+from pipeline.checkpoint import MARKER, latest, step_tag
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -29,7 +31,7 @@ def cluster():
     if why:
         pytest.skip(why)
     try:
-        yield mn.get_multinode(2)
+        yield mn.get_multinode(3)  # jobs take --nodes=2 unless they grow to 3
     except mn.ClusterError as e:
         pytest.fail(str(e))
     finally:
@@ -40,6 +42,13 @@ def cluster():
 def shards(tmp_path_factory):
     return launch.write_demo_shards(tmp_path_factory.mktemp("mn") / "shards", per_class=12, val_per_class=2,
                                     shard_size=6)
+
+
+STEPS = 10
+# A global batch that 4 ranks (2 nodes) and 6 ranks (3 nodes) both divide with micro-batches of 2; two loader
+# workers per rank, as on a real cluster.
+OVERRIDES = [f"train.total_steps={STEPS}", "checkpoint.every_steps=5", "train.global_batch_size=24",
+             "train.micro_batch_size=2", "data.workers=2"]
 
 
 def _env(subprocess_env, repo_root, run_dir: Path, **extra) -> dict:
@@ -54,31 +63,90 @@ def _read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
-def test_two_node_pretraining_job(cluster, shards, repo_root, subprocess_env, tmp_path):
-    """sbatch --nodes=2 --ntasks-per-node=2 slurm/pretrain_xl.sh: 4 ranks on two hosts, the rendezvous on the
-    first node's bridge address, LOCAL_RANK / LOCAL_WORLD_SIZE per node, checkpoints that record both hosts."""
-    run_dir = tmp_path / "run"
-    log = tmp_path / "job.out"
-    before = cluster.bytes_sent()
-    job = cluster.sbatch(repo_root / "slurm" / "pretrain_xl.sh", *TWO_NODES, f"--output={log}",
-                         script_args=[f"data.train=[{shards}]", "train.total_steps=4", "checkpoint.every_steps=2",
-                                      "train.global_batch_size=16", "train.micro_batch_size=4"],
-                         env=_env(subprocess_env, repo_root, run_dir), cwd=repo_root)
+def _submit(cluster, repo_root, subprocess_env, run_dir: Path, shards: Path, nodes: int = 2,
+            script: str = "pretrain_xl.sh", extra: tuple = (), **env) -> tuple[str, Path]:
+    log = run_dir.parent / f"{run_dir.name}-job.out"
+    job = cluster.sbatch(repo_root / "slurm" / script, f"--nodes={nodes}", *TWO_NODES[1:], f"--output={log}",
+                         script_args=[f"data.train=[{shards}]", *OVERRIDES, *extra],
+                         env=_env(subprocess_env, repo_root, run_dir, **env), cwd=repo_root)
+    return job, log
+
+
+def _wait(cluster, job: str, log: Path, states=("COMPLETED",), timeout: float = 300) -> dict:
     try:
-        cluster.wait_for(job, ["COMPLETED"], timeout=300)
+        return cluster.wait_for(job, list(states), timeout=timeout)
     except mn.ClusterError as e:
         pytest.fail(f"{e}\njob output:\n{_read(log)}")
-    out = _read(log)
-    first, second = cluster.nodes
+
+
+@pytest.fixture(scope="module")
+def straight(cluster, shards, tmp_path_factory):
+    """An uninterrupted 2-node run: the reference of the other tests. (job id, run dir, job output, bytes each
+    node sent into the bridge while it ran)."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    before = cluster.bytes_sent()
+    job, log = _submit(cluster, TESTS.parent, child_env(), run_dir, shards)
+    _wait(cluster, job, log)
+    sent = {n: b - before[n] for n, b in cluster.bytes_sent().items()}
+    return job, run_dir, _read(log), sent
+
+
+def test_two_node_pretraining_job(cluster, straight):
+    """sbatch --nodes=2 --ntasks-per-node=2 slurm/pretrain_xl.sh: 4 ranks on two hosts, the rendezvous on the
+    first node's bridge address, LOCAL_RANK / LOCAL_WORLD_SIZE per node, checkpoints that record both hosts."""
+    job, run_dir, out, sent = straight
+    first, second = cluster.nodes[:2]
     assert f"rendezvous {first}:" in out, out
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["step"] == 4 and summary["world_size"] == 4
-    marker = json.loads((run_dir / "checkpoints" / step_tag(4) / MARKER).read_text())
+    assert summary["step"] == STEPS and summary["world_size"] == 4
+    marker = json.loads((run_dir / "checkpoints" / step_tag(STEPS) / MARKER).read_text())
     assert marker["world_size"] == 4 and marker["slurm_job_id"] == job
     ranks = marker["ranks"]
     assert [r["host"] for r in ranks] == [first, first, second, second], ranks
     assert [(r["local_rank"], r["local_world_size"]) for r in ranks] == [(0, 2), (1, 2)] * 2, ranks
     assert {r["master_addr"] for r in ranks} == {first}
-    # the traffic went over the bridge: node 2 sent the gradients of its 2 ranks through its veth
-    sent = {n: b - before[n] for n, b in cluster.bytes_sent().items()}
-    assert sent[second] > 100_000, sent
+    # The traffic went over the bridge: node 2's ranks sent their gradient shards through its veth (the
+    # model has ~0.1M parameters: 10 steps of ZeRO-2 reduce-scatter + all-gather are megabytes); the third
+    # node, not in the job, sent next to nothing (its slurmd's heartbeats).
+    assert sent[second] > 1_000_000, sent
+    assert sent[cluster.nodes[2]] < sent[second] / 10, sent
+
+
+def test_two_node_preemption_resumes_exactly(cluster, shards, straight, repo_root, subprocess_env, tmp_path):
+    """USR1 to the 4 ranks of a 2-node job: all save, rank 0 requeues, the job restarts and resumes; every
+    logged loss equals the uninterrupted run's."""
+    run_dir = tmp_path / "run"
+    job, log = _submit(cluster, repo_root, subprocess_env, run_dir, shards)
+    try:
+        cluster.wait_until(lambda: launch.logged_steps(run_dir) >= 3, job, 240, "step 3 of the 2-node job")
+    except mn.ClusterError as e:
+        pytest.fail(f"{e}\njob output:\n{_read(log)}")
+    cluster.run(["scancel", "--signal=USR1", job])
+    info = _wait(cluster, job, log, ["PENDING"], timeout=120)
+    assert info.get("Restarts") == "1", info
+    stopped = latest(run_dir)
+    assert stopped is not None and 3 <= stopped < STEPS, _read(log)
+    cluster.release_now(job)
+    _wait(cluster, job, log)
+    text = _read(log)
+    assert text.count("(restart 0)") == 1 and text.count("(restart 1)") == 1, text
+    assert f"checkpoint at step {stopped} saved" in text, text
+    a, b = launch.losses_by_step(straight[1]), launch.losses_by_step(run_dir)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    differ = [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    assert not differ, f"resumed at {stopped}: logged losses differ from the uninterrupted run's: {differ[:3]}"
+
+
+def test_three_nodes_continue_a_two_node_run(cluster, shards, straight, repo_root, subprocess_env, tmp_path):
+    """A run checkpointed by 2 nodes (4 ranks) continues on 3 (6 ranks): the universal-checkpoint path."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[1], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / step_tag(STEPS))  # as if the 2-node job had stopped at step 5
+    job, log = _submit(cluster, repo_root, subprocess_env, run_dir, shards, nodes=3)
+    _wait(cluster, job, log)
+    text = _read(log)
+    marker = json.loads((run_dir / "checkpoints" / step_tag(STEPS) / MARKER).read_text())
+    assert marker["world_size"] == 6 and {r["host"] for r in marker["ranks"]} == set(cluster.nodes), marker
+    assert "resuming a 4-rank checkpoint on 6 ranks: converting to a universal checkpoint" in text, text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == STEPS and summary["world_size"] == 6
