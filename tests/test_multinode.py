@@ -150,3 +150,31 @@ def test_three_nodes_continue_a_two_node_run(cluster, shards, straight, repo_roo
     assert "resuming a 4-rank checkpoint on 6 ranks: converting to a universal checkpoint" in text, text
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == STEPS and summary["world_size"] == 6
+
+
+def test_two_node_finetuning_with_accelerate(cluster, shards, straight, repo_root, subprocess_env, tmp_path):
+    """slurm/finetune_transfer.sh with LAUNCHER=accelerate on 2 nodes: one `accelerate launch` per node, 2
+    processes each, initialised from the 2-node pretraining run; the checkpoint records the 4 processes on
+    both hosts."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "job.out"
+    env = _env(subprocess_env, repo_root, run_dir, CONFIG="configs/finetune/demo.yaml", LAUNCHER="accelerate",
+               PROCS_PER_NODE=2)
+    job = cluster.sbatch(repo_root / "slurm" / "finetune_transfer.sh", "--nodes=2", "--ntasks-per-node=1",
+                         "--cpus-per-task=2", "--gpus-per-node=0", "--time=10", f"--output={log}",
+                         script_args=[f"init={straight[1]}", f"data.train=[{shards}]", "train.total_steps=4",
+                                      "train.global_batch_size=16", "train.micro_batch_size=4",
+                                      "checkpoint.every_steps=2", "progressive.min_image_size=48",
+                                      "progressive.max_image_size=48", "data.eval_image_size=48", "data.cutout=0"],
+                         env=env, cwd=repo_root)
+    _wait(cluster, job, log)
+    text = _read(log)
+    first, second = cluster.nodes[:2]
+    assert "launcher accelerate" in text and f"rendezvous {first}:" in text, text
+    marker = json.loads((run_dir / "checkpoints" / step_tag(4) / MARKER).read_text())
+    assert marker["world_size"] == 4, marker
+    assert [r["host"] for r in marker["ranks"]] == [first, first, second, second], marker["ranks"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["init_kind"] == "deepspeed" and metrics["step"] == 4
+    # every validation image evaluated once across the 4 processes on 2 hosts (10 classes x 2)
+    assert metrics["results"]["ema"]["samples"] == metrics["results"]["raw"]["samples"] == 20, metrics
