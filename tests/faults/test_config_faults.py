@@ -13,6 +13,7 @@ import dataclasses
 import random
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -190,13 +191,13 @@ def _kind(hint) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Literal:
         return "choice"
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # Optional[X], X | None
         return _kind(next(a for a in args if a is not type(None)))
     if origin is list:
         return "list_" + _kind(args[0])
     if origin is dict:
         return "dict"
-    return hint.__name__
+    return getattr(hint, "__name__", str(hint))  # a kind WRONG has no values for is left out of the sweep
 
 
 def schema() -> dict[str, str]:
@@ -301,7 +302,7 @@ def sweep(seed: int = 14, counts=(("typo_key", 18), ("typo_section", 8), ("wrong
                 bad = _misspell(rng, section, sections)
                 cases.append(Case(entry, via, what, f"{bad}.{name}", "1", suggestion=section))
             elif what == "wrong_type":
-                key = rng.choice(sorted(keys))
+                key = rng.choice(sorted(k for k in keys if keys[k] in WRONG))
                 cases.append(Case(entry, via, what, key, rng.choice(WRONG[keys[key]])))
             else:
                 key = rng.choice(sorted(OUT_OF_RANGE))
