@@ -35,7 +35,8 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 """Init files that are pickles (torch.save): refused unless finetune.allow_pickle is true."""
 _WNID_RE = re.compile(r"^n\d{8}$")
 _INIT_HELP = ("pass an export folder (python -m pipeline.export RUN_DIR --ema --out DIR), a pretraining run dir "
-              "or its checkpoints/step-N folder, or a timm checkpoint file (.pth / .safetensors)")
+              "or its checkpoints/step-N folder, or a timm checkpoint file (.safetensors; .pth with "
+              "finetune.allow_pickle=true)")
 
 
 class FinetuneError(ValueError):
@@ -226,7 +227,7 @@ def _read_timm_file(path: Path, weights: str) -> tuple[dict, str]:
                             "folder") from None
     except Exception as e:  # corrupt / truncated
         raise FinetuneError(f"init={path}: cannot read it as a checkpoint ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); pass a timm .pth / .safetensors "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); pass a timm .safetensors / .pth "
                             "file") from None
     if not isinstance(obj, dict):
         raise FinetuneError(f"init={path}: holds a {type(obj).__name__}, not a state dict")
