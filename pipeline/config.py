@@ -418,7 +418,7 @@ class TrainConfig(_Section):
                  f"{self.global_batch_size} and {self.micro_batch_size}")
         for name in ("total_steps", "epochs", "seed"):
             _in_range(self, name, 0)
-        for name in ("log_every", "collective_timeout_s"):
+        for name in ("log_every", "collective_timeout_s", "max_nonfinite_steps"):
             _in_range(self, name, 1)
         _in_range(self, "label_smoothing", 0, 1, hi_open=True)
 
