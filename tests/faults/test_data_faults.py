@@ -1,6 +1,6 @@
 """Data faults, provoked for real on shards written by the toolkit: corrupt JPEGs, damaged and missing shards,
 counts and labels that disagree, too few shards, decompression bombs, shards deleted mid-run, checksums, and
-shard paths that try to leave their folder. Each test says what the system does (docs/faults.d/data.md)."""
+shard paths that try to leave their folder. Each test says what the system does (docs/faults.md)."""
 
 from __future__ import annotations
 
