@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from slurm_cluster import ClusterError, SlurmCluster, _cmdline, _pid_alive, _which  # noqa: E402
+from slurm_cluster import ClusterError, SlurmCluster, _cmdline, _pid_alive, _which, started  # noqa: E402
 from slurm_cluster import unavailable_reason as _slurm_unavailable  # noqa: E402
 
 REGISTRY_DIR = Path(tempfile.gettempdir())
@@ -158,15 +158,8 @@ class MultiNodeCluster(SlurmCluster):
         self.cpus = cpus
         self._network_up()
         self._write_config(cpus)
+        self._start_controller(timeout)
         r = self.root
-        r.chmod(0o755)
-        self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--key-file={r}/munge.key",
-                               f"--socket={r}/munge.socket", f"--pid-file={r}/munged.pid",
-                               f"--log-file={r}/log/munged.log", f"--seed-file={r}/munged.seed"])
-        self._wait(lambda: (r / "munge.socket").exists(), timeout, "munged did not create its socket")
-        self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-        self._wait(lambda: self.run(["scontrol", "ping"], check=False, timeout=10).returncode == 0, timeout,
-                   "slurmctld does not answer scontrol ping")
         for node, ns in zip(self.nodes, self.netns):
             (r / "spool" / node).mkdir(parents=True, exist_ok=True)
             # nsenter --net: the node's network (unlike `ip netns exec`, it keeps /sys and with it the cgroup
@@ -187,16 +180,7 @@ class MultiNodeCluster(SlurmCluster):
         return out.rstrip("*~#!%$@^-").lower()
 
     def stop(self) -> None:
-        for name in reversed(list(self.procs)):
-            p = self.procs[name]
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(timeout=10)
-        self.procs.clear()
+        self._stop_daemons()
         self._network_down()
         self.registry.unlink(missing_ok=True)
         shutil.rmtree(self.root, ignore_errors=True)
@@ -276,18 +260,10 @@ def get_multinode(nodes: int = 2, cpus: int = 2, timeout: float = 90) -> MultiNo
         return _CLUSTER
     stop_multinode()
     _end_leftovers()
-    cluster = MultiNodeCluster(Path(tempfile.mkdtemp(prefix="mn-", dir=tempfile.gettempdir())), nodes, cpus)
-    try:
-        cluster.start(cpus=cpus, timeout=timeout)
-    except BaseException as e:
-        logs = cluster.logs()
-        cluster.stop()
-        if isinstance(e, ClusterError):
-            raise
-        raise ClusterError(f"could not start the multi-node test cluster: {e}\n{logs}") from e
-    _CLUSTER = cluster
+    root = Path(tempfile.mkdtemp(prefix="mn-", dir=tempfile.gettempdir()))
+    _CLUSTER = started(MultiNodeCluster(root, nodes, cpus), cpus, timeout)
     atexit.register(stop_multinode)
-    return cluster
+    return _CLUSTER
 
 
 def stop_multinode() -> None:

@@ -160,8 +160,8 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
                                             start_new_session=True, stdin=subprocess.DEVNULL)
         log.close()
 
-    def start(self, cpus: int = 2, timeout: float = 60) -> "SlurmCluster":
-        self._write_config(cpus)
+    def _start_controller(self, timeout: float) -> None:
+        """munged and slurmctld, once the config is written."""
         r = self.root
         # munged insists that everyone can reach its socket's folder.
         r.chmod(0o755)
@@ -172,10 +172,14 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._wait(lambda: self.run(["scontrol", "ping"], check=False, timeout=10).returncode == 0, timeout,
                    "slurmctld does not answer scontrol ping")
+
+    def start(self, cpus: int = 2, timeout: float = 60) -> "SlurmCluster":
+        self._write_config(cpus)
+        self._start_controller(timeout)
         self._spawn("slurmd", [_which("slurmd"), "-D", "-N", NODE, "-f", str(self.conf)])
         self._wait(lambda: self.node_state() in ("idle", "mixed", "allocated"), timeout,
                    "the node did not become idle")
-        REGISTRY.write_text(json.dumps({"root": str(r), "owner": os.getpid(),
+        REGISTRY.write_text(json.dumps({"root": str(self.root), "owner": os.getpid(),
                                         "pids": {n: p.pid for n, p in self.procs.items()}}))
         return self
 
@@ -197,6 +201,15 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
         return bool(self.procs) and all(p.poll() is None for p in self.procs.values())
 
     def stop(self) -> None:
+        self._stop_daemons()
+        try:
+            if json.loads(REGISTRY.read_text()).get("root") == str(self.root):
+                REGISTRY.unlink()
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _stop_daemons(self) -> None:
         # Reverse start order; by pid only (never by name: other clusters may run on this machine).
         for name in reversed(list(self.procs)):
             p = self.procs[name]
@@ -208,12 +221,6 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
                     p.kill()
                     p.wait(timeout=10)
         self.procs.clear()
-        try:
-            if json.loads(REGISTRY.read_text()).get("root") == str(self.root):
-                REGISTRY.unlink()
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(self.root, ignore_errors=True)
 
     def logs(self) -> str:
         parts = []
@@ -337,7 +344,14 @@ def get_cluster(cpus: int = 2, timeout: float = 60) -> SlurmCluster:
     _end_leftovers()
     # Short path: the munge socket path must fit in a unix socket address (108 bytes).
     root = Path(tempfile.mkdtemp(prefix="slurm-", dir=tempfile.gettempdir()))
-    cluster = SlurmCluster(root)
+    cluster = started(SlurmCluster(root), cpus, timeout)
+    _CLUSTER = cluster
+    atexit.register(stop_cluster)
+    return cluster
+
+
+def started(cluster: SlurmCluster, cpus: int, timeout: float) -> SlurmCluster:
+    """``cluster`` started; or stopped again (nothing left running) and a ClusterError with the daemons' logs."""
     try:
         cluster.start(cpus=cpus, timeout=timeout)
     except ClusterError:
@@ -346,9 +360,7 @@ def get_cluster(cpus: int = 2, timeout: float = 60) -> SlurmCluster:
     except BaseException as e:
         logs = cluster.logs()
         cluster.stop()
-        raise ClusterError(f"could not start the test SLURM cluster in {root}: {e}\n{logs}") from e
-    _CLUSTER = cluster
-    atexit.register(stop_cluster)
+        raise ClusterError(f"could not start the test SLURM cluster in {cluster.root}: {e}\n{logs}") from e
     return cluster
 
 
