@@ -54,6 +54,7 @@ from pipeline.models import (
     timm_model_options,
 )
 from pipeline.models.timm_import import TIMM_PAD_TYPES
+from pipeline.testhooks import TestHooks
 
 EXPORT_FORMAT = "effnetv2-export"
 EXPORT_VERSION = 1
@@ -92,7 +93,11 @@ def save_export(state_dict: dict, meta: dict, out_dir: str | os.PathLike) -> Pat
     tmp_w, tmp_m = out / (WEIGHTS_FILE + ".tmp"), out / (META_FILE + ".tmp")
     save_file(tensors, str(tmp_w), metadata={"format": EXPORT_FORMAT})
     tmp_m.write_text(json.dumps(meta, indent=2))
+    # Over an earlier export: its model.json goes first, so that a kill between the two renames leaves a folder
+    # that is incomplete, never new weights under the old model.json.
+    (out / META_FILE).unlink(missing_ok=True)
     os.replace(tmp_w, out / WEIGHTS_FILE)
+    TestHooks(0).pause("export")
     os.replace(tmp_m, out / META_FILE)  # written last: an export with model.json is complete
     return out
 

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -56,6 +55,7 @@ from pipeline.optim import accumulation_steps, lr_schedule
 from pipeline.preemption import PreemptionHandler
 from pipeline.progressive import Stage, StageSchedule, resolve_total_steps
 from pipeline.runlock import RunLock
+from pipeline.testhooks import TestHooks
 
 log = logging.getLogger(__name__)
 
@@ -77,43 +77,6 @@ def seed_everything(seed: int) -> None:
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of a rank's own streams (dropout, stochastic depth) after the shared initialisation."""
     return seed * 100_003 + 1 + rank
-
-
-class TestHooks:
-    """Test hooks, off unless their environment variables are set (tests/faults set them; users never do):
-
-    - ``EFFNETV2_TEST_PAUSE=eval,stage,startup,save,exit`` with ``EFFNETV2_TEST_PAUSE_DIR=DIR``: the first time
-      this process reaches a named point (an evaluation; a stage change within the launch, before the loader
-      switches; the start of a resume, before the checkpoint loads; a save, after the backend's files and before
-      the rank files and COMPLETE.json; the end of the training loop, preempted or not), each rank creates
-      ``DIR/POINT.rankR`` and waits until ``DIR/POINT.go`` exists, so that a test can signal or kill the job at
-      exactly that moment.
-    - ``EFFNETV2_TEST_NONFINITE=RANK:STEP,STEP,...``: on that rank, the images of those steps (numbered as they
-      are logged, from 1) are multiplied by inf before the forward: a real non-finite loss and gradient.
-    """
-
-    __test__ = False  # not a pytest test class
-
-    def __init__(self, rank: int):
-        self.rank = rank
-        self.pause_dir = os.environ.get("EFFNETV2_TEST_PAUSE_DIR")
-        self.pause_points = set(filter(None, os.environ.get("EFFNETV2_TEST_PAUSE", "").split(",")))
-        spec = os.environ.get("EFFNETV2_TEST_NONFINITE", "")
-        r, _, steps = spec.partition(":")
-        self.nonfinite_steps = {int(x) for x in steps.split(",") if x} if spec and int(r) == rank else set()
-
-    def pause(self, point: str) -> None:
-        if point not in self.pause_points or not self.pause_dir:
-            return
-        self.pause_points.discard(point)
-        folder = Path(self.pause_dir)
-        (folder / f"{point}.rank{self.rank}").touch()
-        deadline = time.monotonic() + 600
-        while not (folder / f"{point}.go").exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def poison(self, step: int, images: torch.Tensor) -> torch.Tensor:
-        return images * float("inf") if step in self.nonfinite_steps else images
 
 
 class Recipe:

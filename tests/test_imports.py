@@ -35,8 +35,9 @@ LAYERS = {
              "pipeline.data.tar", "pipeline.data.transforms", "pipeline.data.decode", "pipeline.data.mixing",
              "pipeline.data.protocol"),
     "config": ("pipeline.config",),
-    "base": ("pipeline", "pipeline.distributed", "pipeline.models", "pipeline.models.efficientnetv2",
-             "pipeline.models.builder", "pipeline.models.blocks", "pipeline.models.timm_import"),
+    "base": ("pipeline", "pipeline.distributed", "pipeline.testhooks", "pipeline.models",
+             "pipeline.models.efficientnetv2", "pipeline.models.builder", "pipeline.models.blocks",
+             "pipeline.models.timm_import"),
     "shards": ("shards", "shards.__main__", "shards.cli", "shards.writer", "shards.verify", "shards.plan",
                "shards.sources", "shards.images", "shards.demo", "shards.photos", "shards.format"),
 }

@@ -1,0 +1,51 @@
+"""Test hooks of the trainer and the export, off unless their environment variables are set.
+
+tests/faults sets them to stop a real run at an exact moment (to signal or kill it there) or to make a step
+non-finite; users never do, and with the variables unset every hook is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+class TestHooks:
+    """Test hooks, off unless their environment variables are set (tests/faults set them; users never do):
+
+    - ``EFFNETV2_TEST_PAUSE=eval,stage,startup,save,exit,export`` with ``EFFNETV2_TEST_PAUSE_DIR=DIR``: the first
+      time this process reaches a named point (an evaluation; a stage change within the launch, before the loader
+      switches; the start of a resume, before the checkpoint loads; a save, after the backend's files and before
+      the rank files and COMPLETE.json; the end of the training loop, preempted or not; an export, between its
+      weights file and its model.json), each rank creates
+      ``DIR/POINT.rankR`` and waits until ``DIR/POINT.go`` exists, so that a test can signal or kill the job at
+      exactly that moment.
+    - ``EFFNETV2_TEST_NONFINITE=RANK:STEP,STEP,...``: on that rank, the images of those steps (numbered as they
+      are logged, from 1) are multiplied by inf before the forward: a real non-finite loss and gradient.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.pause_dir = os.environ.get("EFFNETV2_TEST_PAUSE_DIR")
+        self.pause_points = set(filter(None, os.environ.get("EFFNETV2_TEST_PAUSE", "").split(",")))
+        spec = os.environ.get("EFFNETV2_TEST_NONFINITE", "")
+        r, _, steps = spec.partition(":")
+        self.nonfinite_steps = {int(x) for x in steps.split(",") if x} if spec and int(r) == rank else set()
+
+    def pause(self, point: str) -> None:
+        if point not in self.pause_points or not self.pause_dir:
+            return
+        self.pause_points.discard(point)
+        folder = Path(self.pause_dir)
+        (folder / f"{point}.rank{self.rank}").touch()
+        deadline = time.monotonic() + 600
+        while not (folder / f"{point}.go").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def poison(self, step: int, images: torch.Tensor) -> torch.Tensor:
+        return images * float("inf") if step in self.nonfinite_steps else images
