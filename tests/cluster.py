@@ -193,20 +193,12 @@ class MultiNodeCluster(SlurmCluster):
 
     # ------------------------------------------------------------------ measurements
 
-    def netns_of(self, node: str) -> str:
-        return self.netns[self.nodes.index(node)]
-
     def bytes_sent(self) -> dict[str, int]:
         """Bytes each node has sent into the bridge so far (its veth's receive counter on the host side)."""
         out = {}
         for node, veth in zip(self.nodes, self.veths):
             out[node] = int(Path(f"/sys/class/net/{veth}/statistics/rx_bytes").read_text())
         return out
-
-    def exec_on(self, node: str, argv: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess:
-        """Run a command inside a node's namespaces (network and hosts file; not its UTS namespace)."""
-        return subprocess.run(["ip", "netns", "exec", self.netns_of(node), *argv], capture_output=True, text=True,
-                              timeout=timeout)
 
 
 def _end_leftovers(everything: bool = False) -> list[str]:

@@ -91,9 +91,9 @@ def _pax_records(data: bytes, offset: int) -> dict[str, str]:
 def _decompressed(raw: BinaryIO) -> BinaryIO:
     """``raw`` itself for a plain tar, else a decompressing reader (gzip / bzip2 / xz by magic bytes)."""
     peek = getattr(raw, "peek", None)
-    head = peek(6)[:6] if peek is not None else b""
-    if not head and peek is None:
+    if peek is None:
         return raw  # cannot look ahead without consuming: plain tar is what the shard writers produce
+    head = peek(6)[:6]
     if head[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if head[:3] == b"BZh":
