@@ -1,5 +1,5 @@
 # Every target sets itself up on a fresh clone: .venv, the package with its test extra, and (as root) the
-# Debian packages the test suite needs (a real one-node SLURM cluster: slurm-wlm, munge).
+# Debian packages the test suite needs (a real one-node SLURM cluster: slurm-wlm, munge; nginx for remote data).
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 # (pip's "WARNING: Location ... is ignored" lines, one per package the local index lacks, are filtered out)
@@ -32,6 +32,13 @@ sysdeps:
 	  apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q slurm-wlm munge >/dev/null; } || \
 	  echo "warning: could not install slurm-wlm / munge; the SLURM tests will be skipped"; \
+	fi
+	@if [ "$$(id -u)" = "0" ] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then \
+	  echo "installing nginx (the HTTP server of the remote-storage tests)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q nginx >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q nginx >/dev/null; } || \
+	  echo "warning: could not install nginx; the HTTP tests of tests/test_remote.py will be skipped"; \
 	fi
 
 # ruff reads its settings from pyproject.toml ([tool.ruff]); lint only, the code is not reformatted

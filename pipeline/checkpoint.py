@@ -335,7 +335,7 @@ class CheckpointManager:
         self.last_saved_step = step
         return path
 
-    def _ranks_info(self) -> list[dict]:
+    def ranks_info(self) -> list[dict]:
         """Where every rank runs (host, local rank, rendezvous), gathered once over the control group: the marker
         records it, so a checkpoint says which hosts wrote it."""
         if self._ranks is None:
@@ -359,7 +359,7 @@ class CheckpointManager:
         """The part of :meth:`save` that writes: the backend's files and this rank's file, then the marker."""
         tag = step_tag(step)
         path = self.dir / tag
-        ranks = self._ranks_info()  # every rank, before anything can fail on one of them only
+        ranks = self.ranks_info()  # every rank, before anything can fail on one of them only
         if save_fn is not None:
             save_fn(self.dir, tag)
         path.mkdir(parents=True, exist_ok=True)

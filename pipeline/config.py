@@ -258,6 +258,24 @@ class DataConfig(_Section):
     verify_checksums: bool = False
     """Check every sample's members against the sha256 digests the shard writer recorded (format version 2); a
     mismatch is a bad sample. ~0.1 ms per 100 KB sample."""
+    allow_pipe: bool = False
+    """Run `pipe:` shard names found inside an info.json (shell commands). Off: a dataset handed to you must not
+    run code; a `pipe:` folder given in data.train / data.val itself is yours and always runs."""
+    s3_endpoint_url: Optional[str] = None
+    """Endpoint of an S3-compatible store for s3:// data (MinIO, Ceph, ...); unset: boto3's own resolution
+    (AWS_ENDPOINT_URL, ~/.aws/config, AWS). Credentials: AWS_* environment or ~/.aws, as for the aws CLI."""
+    remote_retries: int = 8
+    """http(s):// and s3:// shards: failed tries in a row before the rest of a shard counts as bad samples; a
+    retry reopens the shard at the byte where the connection broke."""
+    remote_backoff_s: float = 0.5
+    """Wait before the first retry, doubled per further failure (jitter x0.5-1), at most remote_backoff_max_s."""
+    remote_backoff_max_s: float = 30.0
+    remote_timeout_s: float = 60.0
+    """Connect / read timeout of a request to remote storage (a stalled read is a failure, then retried)."""
+    cache_dir: Optional[str] = None
+    """Node-local cache of remote shards (e.g. /local_nvme/shard_cache); unset: stream every epoch again."""
+    cache_gb: float = 0.0
+    """Size bound of data.cache_dir in GB (least recently used shards are evicted); 0 disables the cache."""
 
     def _check(self) -> None:
         _require(len(self.mean) == 3 and len(self.std) == 3, "data.mean", "mean and std need 3 values (RGB)")
@@ -277,6 +295,11 @@ class DataConfig(_Section):
             _in_range(self, name, 0)
         _in_range(self, "eval_image_size", 1)
         _in_range(self, "hflip", 0, 1, what=" (a probability)")
+        for name in ("remote_retries", "remote_backoff_s", "remote_backoff_max_s", "cache_gb"):
+            _in_range(self, name, 0)
+        _in_range(self, "remote_timeout_s", 0, lo_open=True)
+        _require(not self.cache_gb or bool(self.cache_dir), "data.cache_gb", "needs data.cache_dir (a node-local "
+                 "folder) to cache shards in")
 
 
 @dataclass
@@ -564,6 +587,12 @@ def _merge(base, delta, source: str, key_hint: str = ""):
         key = getattr(e, "full_key", None) or _failing_key(base, delta) or key_hint or "?"
         raise ConfigError(f"{source}: key '{key}': {_plain(e)}; see configs/base.yaml for the keys and "
                           "their types") from None
+    except TypeError as e:  # OmegaConf raises a plain TypeError for a mapping given where a list belongs
+        if "incompatible container types" not in str(e):
+            raise
+        key = key_hint or _failing_key(base, delta) or "?"
+        raise ConfigError(f"{source}: key '{key}': a section (key: value lines) where a list belongs, or a list "
+                          "where a section belongs; see configs/base.yaml for the keys and their types") from None
 
 
 def _failing_key(base, delta) -> Optional[str]:
@@ -574,7 +603,12 @@ def _failing_key(base, delta) -> Optional[str]:
     for key in delta:
         try:
             OmegaConf.merge(base, {key: delta[key]})
-        except OmegaConfBaseException:
+        except (OmegaConfBaseException, TypeError):
+            for sub in delta[key] if OmegaConf.is_dict(delta[key]) else ():  # the key inside the section
+                try:
+                    OmegaConf.merge(base, {key: {sub: delta[key][sub]}})
+                except (OmegaConfBaseException, TypeError):
+                    return f"{key}.{sub}"
             return str(key)
     return None
 

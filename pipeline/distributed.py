@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NoReturn, Optional, TypeVar
 
@@ -405,6 +406,37 @@ def is_collective_failure(error: BaseException) -> bool:
     if isinstance(error, dist.DistError):
         return True
     return isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_FAILURES)
+
+
+_ROLL_CALL = "effnetv2/alive/"
+
+
+def roll_call(wait_s: float, recent_s: float) -> Optional[list[int]]:
+    """After a failed collective: the ranks that still answer, asked through the rendezvous store (the TCP store
+    on MASTER_ADDR that every rank reached at start-up, separate from the collectives' connections).
+
+    This rank checks in (its key holds the time), then waits up to ``wait_s`` for the others; a rank counts if it
+    checked in within the last ``recent_s`` seconds (the others may have failed a little earlier or later).
+    Returns the ranks that answered, this one included; None when the store cannot be reached (its host, rank 0's,
+    is gone or this host lost its network) or there is no process group.
+    """
+    if not is_initialized():
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=max(1.0, wait_s)))
+        rank, world, now = dist.get_rank(), dist.get_world_size(), time.time()
+        store.set(f"{_ROLL_CALL}{rank}", repr(now))
+        deadline = time.monotonic() + wait_s
+        answered: list[int] = []
+        while True:
+            answered = [r for r in range(world) if store.check([f"{_ROLL_CALL}{r}"])
+                        and float(store.get(f"{_ROLL_CALL}{r}").decode()) >= now - recent_s]
+            if len(answered) == world or time.monotonic() >= deadline:
+                return answered
+            time.sleep(0.2)
+    except Exception:  # the store is gone too (any transport error): the caller says so
+        return None
 
 
 def _portable(error: BaseException) -> BaseException:

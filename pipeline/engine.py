@@ -51,6 +51,7 @@ import glob
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -527,6 +528,35 @@ def convert_to_universal(ckpt_dir: str | os.PathLike, tag: str, out_dir: str | o
     return out
 
 
+# SLURM signals every process of a job step: its preemption warning (SIGUSR1) and SIGTERM would kill the
+# converter (their default action) and fail the resume, while the trainer handles them once the checkpoint is
+# loaded. The converter starts with both blocked (the mask survives fork and exec), ignores them (an ignored
+# disposition survives its pool workers' fork too), then unblocks them: one sent at any moment is discarded.
+_PREEMPTION_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
+_CONVERTER = (
+    "import runpy, signal, sys\n"
+    "for sig in (signal.SIGUSR1, signal.SIGTERM):\n"
+    "    signal.signal(sig, signal.SIG_IGN)\n"
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGUSR1, signal.SIGTERM))\n"
+    "sys.argv[0] = 'ds_to_universal'\n"
+    "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__', alter_sys=True)\n")
+
+
+def _run_converter(cmd: list[str], timeout_s: Optional[int]) -> subprocess.CompletedProcess:
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _PREEMPTION_SIGNALS)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _convert(src: Path, out: Path, workers: int, timeout_s: Optional[int]) -> None:
     if not src.is_dir():
         raise FileNotFoundError(f"checkpoint folder {src} does not exist")
@@ -538,12 +568,11 @@ def _convert(src: Path, out: Path, workers: int, timeout_s: Optional[int]) -> No
                           "number of ranks as it is; no universal conversion is needed")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
-           "--output_folder", str(tmp), "--num_extract_workers", str(workers),
-           "--num_merge_workers", str(max(1, workers // 2))]
-    log.info("converting %s to a universal checkpoint: %s", src, " ".join(cmd))
-    env = dict(os.environ)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    args = ["--input_folder", str(src), "--output_folder", str(tmp), "--num_extract_workers", str(workers),
+            "--num_merge_workers", str(max(1, workers // 2))]
+    log.info("converting %s to a universal checkpoint: python -m deepspeed.checkpoint.ds_to_universal %s",
+             src, " ".join(args))
+    proc = _run_converter([sys.executable, "-c", _CONVERTER, *args], timeout_s)
     if proc.returncode != 0 or not is_universal_checkpoint(tmp):
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,7 +38,7 @@ from torch import nn
 from pipeline import distributed
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.hf import load_hf_dataset
-from pipeline.data.loader import build_eval_loader
+from pipeline.data.loader import build_eval_loader, remote_options
 from pipeline.data.shards import DataError, read_info
 from pipeline.export import ExportError, load_model
 from pipeline.metrics import evaluate_topk, write_json
@@ -98,7 +98,7 @@ def check_data(cfg: DataConfig) -> Optional[list]:
         if "://" not in cfg.val and not Path(cfg.val).exists():
             raise EvalError(f"--data {cfg.val}: does not exist; pass a shard folder written by `python -m shards "
                             "write` (with its info.json)")
-        info, path = read_info(cfg.val)
+        info, path = read_info(cfg.val, remote_options(cfg))  # s3:// with data.s3_endpoint_url, retries
         splits, split = list(info.get("splits") or {}), cfg.val_split
         if split not in splits:
             raise EvalError(f"{path}: no split {split!r} (it has: {', '.join(splits) or 'none'}); pass one of "

@@ -282,6 +282,7 @@ class Trainer:
         self.backend = build_backend(model, self.micro_batch_for(stage), self.resume_point)
         # every group the backend made too: a rank that stops answering fails the others after the timeout
         distributed.time_out_every_group(t.collective_timeout_s)
+        self.ckpt.ranks_info()  # where every rank runs: checkpoint markers record it, a lost rank is named by it
         self.model = self.backend.module
         self._bn_stats = bn_stat_tensors(self.model)  # restored after a skipped (non-finite) step
         self._bn_before_step = [b.clone() for b in self._bn_stats]
@@ -393,6 +394,7 @@ class Trainer:
         dev = self.backend.device
         images = batch["image"].to(dev, non_blocking=True)  # the model makes it channels_last if configured
         images = self.hooks.poison(self.step + 1, images)
+        self.hooks.record_keys(self.step + 1, self.loader, batch)
         targets = batch["target"].to(dev, non_blocking=True)
         with self.backend.micro_batch():
             loss = soft_cross_entropy(self.backend.forward(images), targets)
@@ -539,9 +541,30 @@ class Trainer:
         done = latest(self.run_dir)
         resume = (f"rerun the same command to resume from {self.ckpt.path(done)}" if done is not None
                   else "no checkpoint was saved yet, a rerun starts over")
-        return (f"rank {self.rank}: a collective operation failed after step {self.step}: another rank died or "
-                f"stopped answering for train.collective_timeout_s={self.cfg.train.collective_timeout_s} s (its "
-                f"log says why; here: {what}); {resume}")
+        timeout = self.cfg.train.collective_timeout_s
+        return (f"rank {self.rank}: a collective operation failed after step {self.step}: {self._who_is_lost()} "
+                f"(train.collective_timeout_s={timeout} s; here: {what}); {resume}")
+
+    def _who_is_lost(self) -> str:
+        """Which ranks (and hosts) stopped answering, from a roll call through the rendezvous store."""
+        timeout = self.cfg.train.collective_timeout_s
+        table = {r.get("rank", i): r for i, r in enumerate(self.ckpt.ranks_info())}
+        answered = distributed.roll_call(wait_s=min(10.0, max(2.0, timeout / 4)), recent_s=timeout + 60)
+        if answered is None:
+            master = table.get(0, {}).get("host", "rank 0's host")
+            return (f"the rendezvous store on {master} (rank 0) cannot be reached either: that host is lost, or "
+                    "this one lost its network")
+        lost = sorted(set(range(self.world_size)) - set(answered))
+        if not lost:
+            return "every rank still answers the roll call, so none died: a collective stalled or failed on its own"
+        by_host: dict[str, list[int]] = {}
+        for r in lost:
+            by_host.setdefault(str(table.get(r, {}).get("host", "?")), []).append(r)
+        where = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} on host {host}"
+                          for host, rs in by_host.items())
+        whole = [h for h, rs in by_host.items() if len(rs) == sum(1 for v in table.values() if v.get("host") == h)]
+        node = f" (every rank of {', '.join(whole)}: the node is lost)" if whole else ""
+        return f"lost {where}{node}: {'it' if len(lost) == 1 else 'they'} died or stopped answering"
 
     def _backend_line(self) -> str:
         b = self.backend
@@ -550,11 +573,13 @@ class Trainer:
 
     def _log_step(self, stage: Stage, loss: torch.Tensor, lr: float) -> float:
         """Log the steps since the last log line; returns the mean loss across ranks. One collective on the
-        control group: the ranks' mean losses and their bad-sample counts (every rank counts its own)."""
+        control group: the ranks' mean losses, their bad-sample counts (every rank counts its own) and their
+        readers' remote-storage counters (retries, bytes, wait seconds, failures, cache hits: totals of all ranks)."""
         stats = self.loader.stats()
+        remote = sorted(k for k in stats if k.startswith("remote_"))
         summed = distributed.all_reduce_sum(
-            torch.stack([loss.double().cpu(), torch.tensor(float(stats["bad_samples"]), dtype=torch.float64)]),
-            self.control_group)
+            torch.tensor([float(loss), float(stats["bad_samples"]), *(float(stats[k]) for k in remote)],
+                         dtype=torch.float64), self.control_group)
         mean_loss = float(summed[0]) / self.world_size
         grad_norm = self.backend.grad_norm()
         values = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
@@ -562,6 +587,7 @@ class Trainer:
                   "data/bad_samples": int(summed[1]), "data/loader_wait_s": stats["wait_s"],
                   "data/loader_wait_fraction": stats["wait_fraction"], "train/epoch": self.step / self.steps_per_epoch,
                   "train/nonfinite_steps": self.counters.nonfinite_steps}
+        values.update({f"data/{k}": float(v) for k, v in zip(remote, summed[2:].tolist())})
         values.update(self._stage_scalars(stage))
         mem = gpu_memory_gb()
         if mem is not None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
 import sys
+import tempfile
 from typing import Optional
 
-from . import ShardError, __version__
+from . import ShardError, __version__, remote
 from .format import TIMM_INFO_NAME
 from .plan import PlanOptions
 from .sources import SourceOptions, open_source
@@ -72,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=None, help="dataset name recorded in info.json")
     g.add_argument("--overwrite", action="store_true", help="replace a different shard set already in OUT")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = w.add_argument_group("remote OUT (s3://bucket/prefix/)")
+    g.add_argument("--staging", default=None, metavar="DIR", help="local folder where shards are written before "
+                   "their upload (default: a folder under $TMPDIR named after OUT; a rerun resumes from it)")
+    g.add_argument("--multipart-size", default="64MB", help="shards above this size go up as multipart uploads "
+                   "in parts of this size (at least 5MB, S3's smallest part; default 64MB)")
+    g.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL, "
+                   "~/.aws/config, AWS); credentials from AWS_* or ~/.aws")
     g = w.add_argument_group("source specific")
     g.add_argument("--class-names", default=None, metavar="FILE", help="`wnid name` lines (LOC_synset_mapping.txt, "
                    "words.txt; found automatically in SRC)")
@@ -91,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int, default=_default_workers())
     v.add_argument("--no-decode", action="store_true", help="check structure, counts and checksums only (fast)")
     v.add_argument("--no-progress", action="store_true")
+    v.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// OUT")
 
     s = sub.add_parser("stats", help="class histogram and sizes")
     s.add_argument("out", metavar="OUT")
@@ -98,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=5, help="smallest / largest classes to show")
     s.add_argument("--json", action="store_true", help="print JSON (with the full class histogram)")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// OUT")
 
     t = sub.add_parser("timm-info", help=f"add timm's {TIMM_INFO_NAME} to existing shard folders",
                        description=f"Write OUT/{TIMM_INFO_NAME}, the index timm's wds reader looks for "
@@ -131,12 +142,29 @@ def _write(args: argparse.Namespace) -> int:
     opts = WriteOptions(max_side=args.max_side, quality=args.quality, small_copy=args.small_copy, plan=plan,
                         max_bad_fraction=args.max_bad_fraction, workers=args.workers,
                         progress=not args.no_progress, overwrite=args.overwrite, name=args.name)
+    if remote.scheme(args.out) == "s3":
+        _, multipart = parse_shard_size(args.multipart_size)
+        if multipart < 1:
+            raise ShardError(f"--multipart-size {args.multipart_size}: give a size in bytes (64MB, 1GiB)")
+        staging = args.staging or os.path.join(tempfile.gettempdir(), "shards-staging-" + hashlib.blake2b(
+            args.out.rstrip("/").encode(), digest_size=8).hexdigest())
+        publish = remote.S3Publisher(args.out, _remote_options(args), multipart_bytes=multipart)
+        write(listing, staging, opts, publish=publish)
+        return 0
+    if remote.is_remote(args.out):
+        raise ShardError(f"{args.out}: shards can be written to a local folder or to s3://bucket/prefix/ (not to "
+                         "http); serve a local folder over HTTP instead")
     write(listing, args.out, opts)
     return 0
 
 
+def _remote_options(args: argparse.Namespace) -> remote.RemoteOptions:
+    return remote.RemoteOptions(s3_endpoint_url=args.endpoint_url)  # None: boto3's AWS_ENDPOINT_URL, ~/.aws
+
+
 def _verify(args: argparse.Namespace) -> int:
-    report = verify(args.out, workers=args.workers, decode=not args.no_decode, progress=not args.no_progress)
+    report = verify(args.out, workers=args.workers, decode=not args.no_decode, progress=not args.no_progress,
+                    options=_remote_options(args))
     for line in report.lines:
         print(line)
     for w in report.warnings:
@@ -150,7 +178,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    st = stats(args.out, workers=args.workers, top=args.top, progress=not args.no_progress)
+    st = stats(args.out, workers=args.workers, top=args.top, progress=not args.no_progress,
+               options=_remote_options(args))
     if args.json:
         print(json.dumps(st, indent=1))
     else:

@@ -169,8 +169,17 @@ def read_info(out: str | os.PathLike) -> dict:
             out / WORK_DIR).is_dir() else ""
         raise ShardError(f"{path}: missing{hint}; write shards with `python -m shards write KIND SRC {out}`")
     try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        text = path.read_text()
+    except OSError as e:
+        raise ShardError(f"{path}: not readable ({e}); rewrite the shards") from None
+    return parse_info(text, str(path))
+
+
+def parse_info(text: str | bytes, path: str) -> dict:
+    """info.json's text, checked (``path`` names it in the errors): format, version, keys, safe shard names."""
+    try:
+        info = json.loads(text)
+    except ValueError as e:
         raise ShardError(f"{path}: not readable JSON ({e}); rewrite the shards") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ShardError(f"{path}: not an {FORMAT} info file (format={info.get('format')!r})")

@@ -8,6 +8,7 @@ import json
 import multiprocessing as mp
 import sys
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 from PIL import Image
 
+from . import remote
 from .format import (
     BAD_NAME,
     CHECKSUM,
@@ -30,6 +32,7 @@ from .format import (
     timm_info,
     timm_info_difference,
 )
+from .remote import RemoteOptions
 
 MAX_ERRORS_PER_SHARD = 100
 
@@ -176,23 +179,45 @@ def check_shard(path: str, num_classes: int, max_side: int, small_side: int, dec
             "keys": np.array(keys, dtype=np.uint64)}
 
 
-def check_timm_info(out: Path, info: dict) -> Optional[str]:
+def check_timm_info(out: Path | str, info: dict, options: Optional[RemoteOptions] = None) -> Optional[str]:
     """None when OUT/_info.json agrees with info.json; otherwise one line saying where and what to run."""
-    path = Path(out) / TIMM_INFO_NAME
     fix = f"rerun `python -m shards timm-info {out}`"
-    if not path.exists():
-        return f"no {TIMM_INFO_NAME}: timm's wds reader cannot read this folder; add it with `python -m shards " \
-               f"timm-info {out}`"
+    missing = f"no {TIMM_INFO_NAME}: timm's wds reader cannot read this folder; add it with `python -m shards " \
+              f"timm-info {out}`"
     try:
-        found = json.loads(path.read_text())
+        if remote.is_remote(str(out)):
+            try:
+                text = remote.read_bytes(remote.join_url(str(out), TIMM_INFO_NAME), options or RemoteOptions())
+            except remote.RemoteError:
+                return missing
+        else:
+            path = Path(out) / TIMM_INFO_NAME
+            if not path.exists():
+                return missing
+            text = path.read_text()
+        found = json.loads(text)
     except (OSError, ValueError) as e:
         return f"{TIMM_INFO_NAME}: not readable JSON ({e}); {fix}"
     diff = timm_info_difference(timm_info(info), found)
     return None if diff is None else f"{TIMM_INFO_NAME} disagrees with info.json: {diff}; {fix}"
 
 
-def _check_item(item: tuple[str, Optional[str]], **kw) -> dict:
+def _localized(fn: Callable, url: str, options: RemoteOptions, *args, **kw):
+    """``fn(path, ...)`` on a remote shard streamed into a temporary file (one shard per worker at a time)."""
+    with tempfile.TemporaryDirectory(prefix="shards-remote-") as tmp:
+        try:
+            path = remote.download(url, Path(tmp) / url.rstrip("/").rsplit("/", 1)[-1], options)
+        except OSError as e:
+            return None, f"{url.rsplit('/', 1)[-1]}: unreadable ({e})"
+        return fn(str(path), *args, **kw), None
+
+
+def _check_item(item: tuple[str, Optional[str]], options: Optional[RemoteOptions] = None, **kw) -> dict:
     path, sha256 = item
+    if remote.is_remote(path):
+        result, error = _localized(check_shard, path, options or RemoteOptions(), sha256=sha256, **kw)
+        return result if result is not None else {"name": path.rsplit("/", 1)[-1], "errors": [error], "samples": 0,
+                                                  "class_counts": {}, "keys": np.zeros(0, dtype=np.uint64)}
     return check_shard(path, sha256=sha256, **kw)
 
 
@@ -225,10 +250,20 @@ def _map_shards(fn: Callable, paths: list, workers: int, progress: bool, desc: s
             return out
 
 
-def verify(out: str | Path, workers: int = 1, decode: bool = True, progress: bool = False) -> Report:
-    """Open every shard, decode every image, check keys, labels and every count against info.json."""
-    out = Path(out)
-    info = read_info(out)
+def verify(out: str | Path, workers: int = 1, decode: bool = True, progress: bool = False,
+           options: Optional[RemoteOptions] = None) -> Report:
+    """Open every shard, decode every image, check keys, labels and every count against info.json.
+
+    ``out`` may be an ``s3://`` or ``http(s)://`` folder: each shard is streamed into a temporary file, checked
+    and deleted (free disk for one shard per worker)."""
+    options = options or RemoteOptions()
+    is_remote = remote.is_remote(str(out))
+    out = str(out) if is_remote else Path(out)
+    info = remote.read_remote_info(out, options) if is_remote else read_info(out)
+    sizes = None
+    if is_remote:
+        names = [e["name"] for s in info["splits"].values() for e in s["shards"]] + [TIMM_INFO_NAME]
+        sizes = remote.object_sizes(out, names, options)
     report = Report()
     num_classes = info["num_classes"]
     if len(info["classes"]) != num_classes:
@@ -240,11 +275,11 @@ def verify(out: str | Path, workers: int = 1, decode: bool = True, progress: boo
     for split, s in info["splits"].items():
         for entry in s["shards"]:
             listed.add(entry["name"])
-            path = out / entry["name"]
-            if not path.is_file():
+            path = remote.join_url(out, entry["name"]) if is_remote else out / entry["name"]
+            if not (entry["name"] in sizes if is_remote else path.is_file()):
                 report.errors.append(f"{entry['name']}: listed in info.json ({split}) but missing")
                 continue
-            size = path.stat().st_size
+            size = sizes[entry["name"]] if is_remote else path.stat().st_size
             if "bytes" in entry and size != entry["bytes"]:
                 report.errors.append(f"{entry['name']}: {size} bytes on disk, info.json says {entry['bytes']} "
                                      "(truncated or replaced)")
@@ -252,10 +287,12 @@ def verify(out: str | Path, workers: int = 1, decode: bool = True, progress: boo
         if sum(e["samples"] for e in s["shards"]) != s["samples"]:
             report.errors.append(f"info.json: split {split} says {s['samples']} samples, its shards sum to "
                                  f"{sum(e['samples'] for e in s['shards'])}")
-    timm_problem = check_timm_info(out, info)
+    timm_problem = check_timm_info(out, info, options)
     if timm_problem is not None:
-        (report.errors if (out / TIMM_INFO_NAME).exists() else report.warnings).append(timm_problem)
-    stray = sorted(p.name for p in out.iterdir() if SHARD_RE.match(p.name) and p.name not in listed)
+        exists = TIMM_INFO_NAME in sizes if is_remote else (out / TIMM_INFO_NAME).exists()
+        (report.errors if exists else report.warnings).append(timm_problem)
+    present = sizes if is_remote else [p.name for p in out.iterdir()]
+    stray = sorted(n for n in present if SHARD_RE.match(n) and n not in listed)
     if stray:
         report.warnings.append(f"{len(stray)} shard files not listed in info.json (ignored by loaders): "
                                f"{', '.join(stray[:5])}")
@@ -266,7 +303,7 @@ def verify(out: str | Path, workers: int = 1, decode: bool = True, progress: boo
                                "inside an image that still decodes cannot be found; rewrite the shards with this "
                                "toolkit to add them")
     fn = partial(_check_item, num_classes=num_classes, max_side=max_side, small_side=small_side, decode=decode,
-                 checksums=checksums)
+                 checksums=checksums, options=options)
     results = _map_shards(fn, [(str(p), entry.get(CHECKSUM)) for _, entry, p in todo], workers, progress,
                           "verify")
     all_keys = []
@@ -302,8 +339,12 @@ def verify(out: str | Path, workers: int = 1, decode: bool = True, progress: boo
 # ---------------------------------------------------------------------------------------------- stats
 
 
-def scan_shard(path: str) -> dict:
+def scan_shard(path: str, options: Optional[RemoteOptions] = None) -> dict:
     """Labels, original sizes and member bytes of a shard, without decoding images."""
+    if remote.is_remote(path):
+        result, error = _localized(scan_shard, path, options or RemoteOptions())
+        return result if result is not None else {"labels": [], "sizes": [], "jpg": [], "small": [],
+                                                  "error": f"{error}; run `python -m shards verify`"}
     labels, sizes, jpg, small = [], [], [], []
     error = None
     try:
@@ -320,18 +361,22 @@ def scan_shard(path: str) -> dict:
     return {"labels": labels, "sizes": sizes, "jpg": jpg, "small": small, "error": error}
 
 
-def stats(out: str | Path, workers: int = 1, top: int = 5, progress: bool = False) -> dict:
-    """Class histogram and image / byte sizes per split, from the shards themselves."""
-    out = Path(out)
-    info = read_info(out)
+def stats(out: str | Path, workers: int = 1, top: int = 5, progress: bool = False,
+          options: Optional[RemoteOptions] = None) -> dict:
+    """Class histogram and image / byte sizes per split, from the shards themselves (``out``: a folder, or an
+    ``s3://`` / ``http(s)://`` one, whose shards are streamed through a temporary file one at a time)."""
+    options = options or RemoteOptions()
+    is_remote = remote.is_remote(str(out))
+    out = str(out) if is_remote else Path(out)
+    info = remote.read_remote_info(out, options) if is_remote else read_info(out)
     names = [c.get("wnid") or c["name"] for c in info["classes"]]
     result = {"name": info.get("name"), "path": str(out), "num_classes": info["num_classes"],
               "multi_label": info.get("multi_label", False), "small_copy": info.get("small_copy"),
               "bad_samples": sum(s.get("bad_samples", 0) for s in info["splits"].values()),
               "splits": {}, "errors": []}
     for split, s in info["splits"].items():
-        paths = [str(out / e["name"]) for e in s["shards"]]
-        scans = _map_shards(scan_shard, paths, workers, progress, f"stats {split}")
+        paths = [remote.join_url(out, e["name"]) if is_remote else str(out / e["name"]) for e in s["shards"]]
+        scans = _map_shards(partial(scan_shard, options=options), paths, workers, progress, f"stats {split}")
         result["errors"] += [r["error"] for r in scans if r["error"]]
         labels = np.array([x for r in scans for x in r["labels"]], dtype=np.int64)
         counts = np.bincount(labels, minlength=info["num_classes"]) if len(labels) else np.zeros(1, np.int64)

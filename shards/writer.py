@@ -224,19 +224,19 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
     return False
 
 
-def _finished(out: Path, plan: Plan) -> dict[str, dict]:
-    """Results of the shards a previous run of this plan completed."""
+def _finished(out: Path, plan: Plan, uploaded: Optional[dict[str, int]] = None) -> dict[str, dict]:
+    """Results of the shards a previous run of this plan completed (on disk, or uploaded: name -> size)."""
     done = {}
     for t in plan.tasks:
         meta, tar = out / WORK_DIR / f"{t.name}.json", out / t.name
-        if not (meta.is_file() and tar.is_file()):
+        size = tar.stat().st_size if tar.is_file() else (uploaded or {}).get(t.name)
+        if not meta.is_file() or size is None:
             continue
         try:
             result = json.loads(meta.read_text())
         except (OSError, ValueError):
             continue
-        if result.get("fingerprint") == plan.fingerprint and result.get("bytes") == tar.stat().st_size \
-                and CHECKSUM in result:
+        if result.get("fingerprint") == plan.fingerprint and result.get("bytes") == size and CHECKSUM in result:
             done[t.name] = result
     return done
 
@@ -298,8 +298,11 @@ def _run(tasks: list[ShardTask], ctx: _Context, opts: WriteOptions, total: int, 
                     on_result(result)
 
 
-def write(listing: Listing, out: str | os.PathLike, opts: WriteOptions = WriteOptions()) -> dict:
-    """Write the listing's images as shards into OUT and return the info.json contents."""
+def write(listing: Listing, out: str | os.PathLike, opts: WriteOptions = WriteOptions(), publish=None) -> dict:
+    """Write the listing's images as shards into OUT and return the info.json contents.
+
+    ``publish`` (a :class:`shards.remote.S3Publisher`): OUT is a local staging folder; every finished shard is
+    uploaded and its local copy dropped, info.json (and timm's index) go up last."""
     out = Path(out)
     if not 1 <= opts.quality <= 100:
         raise ShardError(f"--quality {opts.quality}: give a JPEG quality between 1 and 100")
@@ -314,7 +317,21 @@ def write(listing: Listing, out: str | os.PathLike, opts: WriteOptions = WriteOp
     plan = make_plan(listing, opts.plan, header)
     for note in plan.notes:
         _log(f"note: {note}")
-    if _prepare_out(out, plan.fingerprint, opts.overwrite):
+    if publish is not None:
+        existing = publish.existing_info()
+        if existing is not None and not opts.overwrite:
+            try:
+                previous = json.loads(existing).get("fingerprint")
+            except (ValueError, AttributeError):
+                previous = None
+            if previous == plan.fingerprint:
+                _log(f"{publish.root}: already complete (same source and options); nothing to do")
+                return json.loads(existing)
+            raise ShardError(f"{publish.root}: already holds a shard set written from another source or with "
+                             "other options; pass --overwrite to replace it, or choose another prefix")
+        if existing is not None:  # --overwrite: the old index goes first, so no reader pairs it with new shards
+            publish.delete(INFO_NAME)
+    if _prepare_out(out, plan.fingerprint, opts.overwrite) and publish is None:
         info = json.loads((out / INFO_NAME).read_text())
         if (out / TIMM_INFO_NAME).is_file():
             _log(f"{out}: already complete (same source and options); nothing to do")
@@ -327,12 +344,16 @@ def write(listing: Listing, out: str | os.PathLike, opts: WriteOptions = WriteOp
         return info
 
     total = sum(len(t.samples) for t in plan.tasks)
-    done = _finished(out, plan)
+    done = _finished(out, plan, publish.uploaded() if publish is not None else None)
+    if publish is not None:  # finished here before the last run could upload them
+        for name, r in done.items():
+            if (out / name).is_file():
+                publish.shard(out / name, r["bytes"])
     results = list(done.values())
     todo = [t for t in plan.tasks if t.name not in done]
     counts = plan.split_samples()
     _log(f"{listing.kind}: {len(plan.classes)} classes, " + ", ".join(f"{n} {s}" for s, n in counts.items()) +
-         f" images -> {len(plan.tasks)} shards in {out}" +
+         f" images -> {len(plan.tasks)} shards in {publish.root if publish is not None else out}" +
          (f" ({len(done)} already written, resuming)" if done else ""))
     _check_bad(out, results, total, opts.max_bad_fraction)
 
@@ -341,6 +362,8 @@ def write(listing: Listing, out: str | os.PathLike, opts: WriteOptions = WriteOp
                    plan.fingerprint, os.environ.get(STALL_ENV))
 
     def on_result(result: dict) -> None:
+        if publish is not None:
+            publish.shard(out / result["name"], result["bytes"])
         results.append(result)
         _check_bad(out, results, total, opts.max_bad_fraction)
 
@@ -350,15 +373,23 @@ def write(listing: Listing, out: str | os.PathLike, opts: WriteOptions = WriteOp
 
     info = _info(listing, plan, opts, results)
     bad = _write_bad_report(out, results)
-    add_timm_info(out, info)
-    write_json_atomic(out / INFO_NAME, info)
-    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    if publish is not None:
+        if bad:
+            publish.put(BAD_NAME, (out / BAD_NAME).read_bytes())
+        publish.put(TIMM_INFO_NAME, json.dumps(timm_info(info), indent=1).encode())
+        publish.put(INFO_NAME, json.dumps(info, indent=1).encode())  # last: marks the end
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        add_timm_info(out, info)
+        write_json_atomic(out / INFO_NAME, info)
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     written = sum(len(t.samples) for t in todo)
     rate = f", {written / elapsed:.0f} images/s" if written and elapsed > 0 else ""
     extra = f", small copies +{info['small_copy']['extra_bytes'] / 2**20:.1f} MiB" if info["small_copy"] else ""
-    _log(f"wrote {out}: " + ", ".join(f"{s} {v['samples']} samples in {len(v['shards'])} shards "
+    where = publish.root if publish is not None else str(out)
+    _log(f"wrote {where}: " + ", ".join(f"{s} {v['samples']} samples in {len(v['shards'])} shards "
                                       f"({v['bytes'] / 2**20:.1f} MiB)" for s, v in info["splits"].items()) +
-         f"{extra}; {bad} bad images skipped" + (f" (listed in {out / BAD_NAME})" if bad else "") + rate)
+         f"{extra}; {bad} bad images skipped" + (f" (listed in {where.rstrip('/')}/{BAD_NAME})" if bad else "") + rate)
     return info
 
 

@@ -191,6 +191,22 @@ class MultiNodeCluster(SlurmCluster):
             "netns": self.netns, "veths": self.veths, "bridge": self.bridge, "conf": str(self.conf),
             "nodes": self.addrs, "controller": [self.controller, self.controller_addr]}))
 
+    # ------------------------------------------------------------------ faults
+
+    def lose_node(self, node: str) -> list[int]:
+        """The node fails as a machine does: its link goes down first (so nothing it held gets a FIN or a reset
+        out), then every process in its namespace (slurmd, the job's step daemons, tasks, loader workers) is
+        killed with SIGKILL. The other nodes and the controller only see silence. Returns the pids killed."""
+        i = self.nodes.index(node)
+        _ip("link", "set", self.veths[i], "down")
+        pids = [int(p) for p in _ip("netns", "pids", self.netns[i]).stdout.split()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
+
     # ------------------------------------------------------------------ measurements
 
     def bytes_sent(self) -> dict[str, int]:

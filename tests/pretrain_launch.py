@@ -51,7 +51,9 @@ def run(tmp: Path, nproc: int, runs: list[dict], timeout: int = 600,
     """Runs ``runs`` ({"overrides": [...], "probe": FILE?}) one after another in one launch; asserts exit 0."""
     proc = subprocess.run(launch_cmd(nproc, _spec(tmp, runs, config)), env=env(), cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    if proc.returncode != 0:  # the whole output beside the run (the first error is often far from the end)
+        (tmp / "launch.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
+    assert proc.returncode == 0, f"(whole output: {tmp / 'launch.log'})\n" + proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
 

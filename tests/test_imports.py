@@ -39,11 +39,12 @@ LAYERS = {
              "pipeline.models.efficientnetv2", "pipeline.models.builder", "pipeline.models.blocks",
              "pipeline.models.timm_import"),
     "shards": ("shards", "shards.__main__", "shards.cli", "shards.writer", "shards.verify", "shards.plan",
-               "shards.sources", "shards.images", "shards.demo", "shards.photos", "shards.format"),
+               "shards.sources", "shards.images", "shards.demo", "shards.photos", "shards.format", "shards.remote"),
 }
 
-# pipeline reaches the shard toolkit through its format contract (file names, sample members, info.json) only.
-SHARDS_INTERFACE = {"shards.format"}
+# pipeline reaches the shard toolkit through its format contract (file names, sample members, info.json) and its
+# remote transport (http(s):// and s3:// with retries and the node cache) only.
+SHARDS_INTERFACE = {"shards.format", "shards.remote"}
 
 # The only importers of the heavy optional libraries (anywhere in pipeline/ and shards/; tests and bench may).
 ONLY_IMPORTERS = {

@@ -397,12 +397,15 @@ def test_pipe_urls_stream_the_same_samples(data8, tmp_path):
     for s in info["splits"]["train"]["shards"]:
         s["name"] = f"pipe:cat {root / s['name']}"
     (remote / "info.json").write_text(json.dumps(info))
+    # commands inside a dataset's info.json run only when the user allows it (data.allow_pipe)
+    with pytest.raises(DataError, match=r"shell command \(pipe:\); refused.*data.allow_pipe=true"):
+        loader(cfg_for([remote], workers=2))
     ref = loader(cfg_for([root], workers=2))
-    via_pipe = loader(cfg_for([remote], workers=2))
+    via_pipe = loader(cfg_for([remote], workers=2, allow_pipe=True))
     assert keys_of(take(via_pipe, 6)) == keys_of(take(ref, 6))
     # and fast-forward through a pipe
     state = via_pipe.state_dict()
-    again = loader(cfg_for([remote], workers=2))
+    again = loader(cfg_for([remote], workers=2, allow_pipe=True))
     again.load_state_dict(state)
     assert keys_of(take(again, 3)) == keys_of(take(ref, 3))
     for x in (ref, via_pipe, again):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,9 @@ def _read(path: Path) -> str:
 
 
 def _submit(cluster, repo_root, subprocess_env, run_dir: Path, shards: Path, nodes: int = 2,
-            script: str = "pretrain_xl.sh", extra: tuple = (), **env) -> tuple[str, Path]:
+            script: str = "pretrain_xl.sh", extra: tuple = (), options: tuple = (), **env) -> tuple[str, Path]:
     log = run_dir.parent / f"{run_dir.name}-job.out"
-    job = cluster.sbatch(repo_root / "slurm" / script, f"--nodes={nodes}", *TWO_NODES[1:], f"--output={log}",
+    job = cluster.sbatch(repo_root / "slurm" / script, f"--nodes={nodes}", *TWO_NODES[1:], f"--output={log}", *options,
                          script_args=[f"data.train=[{shards}]", *OVERRIDES, *extra],
                          env=_env(subprocess_env, repo_root, run_dir, **env), cwd=repo_root)
     return job, log
@@ -178,3 +179,87 @@ def test_two_node_finetuning_with_accelerate(cluster, shards, straight, repo_roo
     assert metrics["init_kind"] == "deepspeed" and metrics["step"] == 4
     # every validation image evaluated once across the 4 processes on 2 hosts (10 classes x 2)
     assert metrics["results"]["ema"]["samples"] == metrics["results"]["raw"]["samples"] == 20, metrics
+
+
+# The node-loss test runs last: it leaves its node down.
+LOSS_STEPS = 12
+LOSS_TIMEOUT_S = 20  # train.collective_timeout_s of the run that loses a node
+
+
+@pytest.fixture(scope="module")
+def epoch_shards(tmp_path_factory):
+    """240 training images: one epoch is 10 steps of 24 (each of 4 ranks x 2 workers reads 5 shards of 6)."""
+    return launch.write_demo_shards(tmp_path_factory.mktemp("mn-epoch") / "shards", per_class=24, val_per_class=2,
+                                    shard_size=6)
+
+
+def _keys(folder: Path) -> dict[int, list[tuple[int, str]]]:
+    """(epoch, key) of every sample by step, all ranks of a job together (the EFFNETV2_TEST_KEYS test hook)."""
+    out: dict[int, list[tuple[int, str]]] = {}
+    for path in sorted(folder.glob("keys.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            out.setdefault(r["step"], []).extend((r["epoch"], k) for k in r["keys"])
+    return out
+
+
+def test_node_loss_survivors_exit_and_one_node_continues_the_epoch(cluster, epoch_shards, repo_root, subprocess_env,
+                                                                    tmp_path):
+    """Node 2 of a 2-node job fails mid-step (its link down, every process on it killed): node 1's ranks exit
+    within the collective timeout with one line naming the lost ranks and host; the job ends (--no-requeue);
+    the last complete checkpoint stays valid; a 1-node job (2 ranks: a world-size change through the universal
+    path) continues the epoch without repeating or skipping a sample."""
+    first, second = cluster.nodes[:2]
+    run_dir = tmp_path / "run"
+    extra = (f"train.total_steps={LOSS_STEPS}", f"train.collective_timeout_s={LOSS_TIMEOUT_S}")
+    (tmp_path / "keys-2nodes").mkdir()
+    job, log = _submit(cluster, repo_root, subprocess_env, run_dir, epoch_shards, extra=extra,
+                       options=("--no-requeue",), EFFNETV2_TEST_KEYS=tmp_path / "keys-2nodes")
+    try:
+        cluster.wait_until(lambda: latest(run_dir) == 5 and launch.logged_steps(run_dir) >= 6, job, 240,
+                           "step 6 of the 2-node job")
+    except mn.ClusterError as e:
+        pytest.fail(f"{e}\njob output:\n{_read(log)}")
+    lost_at = time.monotonic()
+    cluster.lose_node(second)
+    lines: list[str] = []
+
+    def survivors_reported() -> bool:
+        lines[:] = [ln for ln in _read(log).splitlines() if "a collective operation failed" in ln]
+        return len(lines) >= 2
+
+    deadline = lost_at + LOSS_TIMEOUT_S + 40
+    while not survivors_reported() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    took = time.monotonic() - lost_at
+    assert survivors_reported(), f"node 1's ranks did not report within {took:.0f} s:\n{_read(log)}"
+    for rank in (0, 1):
+        [line] = [ln for ln in lines if f"rank {rank}: a collective operation failed" in ln]
+        assert f"lost ranks 2, 3 on host {second} (every rank of {second}: the node is lost)" in line, line
+        assert f"rerun the same command to resume from {run_dir / 'checkpoints' / step_tag(5)}" in line, line
+    assert "Traceback" not in _read(log), _read(log)
+    assert took < LOSS_TIMEOUT_S + 20, f"the survivors took {took:.0f} s:\n{_read(log)}"
+    info = _wait(cluster, job, log, ["FAILED", "NODE_FAIL"], timeout=120)
+    assert info.get("Restarts", "0") == "0", info
+    assert latest(run_dir) == 5  # complete and intact: the resume below loads it
+
+    one_log = tmp_path / "one-node.out"
+    (tmp_path / "keys-1node").mkdir()
+    job1 = cluster.sbatch(repo_root / "slurm" / "pretrain_xl.sh", "--nodes=1", f"--nodelist={first}",
+                          *TWO_NODES[1:], f"--output={one_log}",
+                          script_args=[f"data.train=[{epoch_shards}]", *OVERRIDES, *extra],
+                          env=_env(subprocess_env, repo_root, run_dir, EFFNETV2_TEST_KEYS=tmp_path / "keys-1node"),
+                          cwd=repo_root)
+    _wait(cluster, job1, one_log)
+    text = _read(one_log)
+    assert "resuming a 4-rank checkpoint on 2 ranks: converting to a universal checkpoint" in text, text
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+    # steps 1-5 from the 2-node job (its steps after the checkpoint are lost work), 6-12 from the 1-node job
+    before, after = _keys(tmp_path / "keys-2nodes"), _keys(tmp_path / "keys-1node")
+    steps = {**{s: before[s] for s in range(1, 6)}, **after}
+    assert sorted(steps) == list(range(1, LOSS_STEPS + 1)) and all(len(k) == 24 for k in steps.values())
+    epoch0 = [k for s in sorted(steps) for e, k in steps[s] if e == 0]
+    assert len(set(epoch0)) == len(epoch0), "a sample was trained on twice in epoch 0"
+    # Every image of the epoch: the 4 readers of the 1-node job share the 120 images the 8 readers of the 2-node
+    # job had not read (halves of 8 shards and 16 whole ones) evenly, 30 each, 15 micro-batches of 2.
+    assert len(epoch0) == 240, len(epoch0)

@@ -1,13 +1,14 @@
 """Every shipped recipe starts as users start it: each file in configs/pretrain/ on 2 ranks through torchrun
 (DeepSpeed on CPU), each file in configs/finetune/ on 2 processes through accelerate, with the file's own model.
 
-Only data paths, step counts, batch sizes and image sizes are overridden (plus the run dir and the fine-tune
-init), so whatever else a recipe sets (ZeRO stage, channels_last, optimizer, schedule, presets, mixup, cutout,
-loader workers, EMA, label smoothing ...) runs as shipped. A pretraining recipe runs one step per progressive
-stage, so it saves at every stage boundary and at the end, then evaluates; a fine-tuning recipe runs 2 steps,
-saves and evaluates. Fine-tuning recipes start from the export of the run their header names: ImageNet-1k
-fine-tunes from the ImageNet-21k pretraining of the same model, transfer sets from the ImageNet-1k
-fine-tune, the demo from the tiny pretraining, so every model size is chained through export as a user would.
+Only data paths, step counts (for M, L and XL also the number of stages), batch sizes and image sizes are overridden
+(plus the run dir and the fine-tune init), so whatever else a recipe sets (ZeRO stage, channels_last, optimizer,
+schedule, presets, mixup, cutout, loader workers, EMA, label smoothing ...) runs as shipped. A pretraining recipe
+runs one step per progressive stage (M, L and XL: their first and last stage only, see ALL_STAGES), so it saves at
+every stage boundary and at the end, then evaluates; a fine-tuning recipe runs 2 steps, saves and evaluates.
+Fine-tuning recipes start from the export of the run their header names: ImageNet-1k fine-tunes from the ImageNet-21k
+pretraining of the same model, transfer sets from the ImageNet-1k fine-tune, the demo from the tiny pretraining, so
+every model size is chained through export as a user would.
 
 Images are 40-48 px (the stages' sizes step from 40 to 48, evaluation at 48): any size from 33 to 64 px
 leaves a 2x2 map after the stride-32 stem and stages, which keeps the cost down; at 32 px the map is 1x1 and
@@ -73,6 +74,19 @@ GLOBAL_BATCH, MICRO_BATCH, EVAL_BATCH = 4, 2, 10
 FINETUNE_STEPS = 2
 
 pytestmark = pytest.mark.slow
+
+# The S and tiny recipes run every progressive stage as shipped; M, L and XL run their first and last stage only
+# (progressive.num_stages=2: the smallest and the largest image size and regularization of the recipe). Their
+# other stages run the same code, and each stage boundary costs them a checkpoint of 1-4 GB and seconds of
+# optimizer step here (the suite's time budget).
+ALL_STAGES = {"efficientnetv2_s", "efficientnetv2_test"}
+
+
+def stages_run(cfg) -> int:
+    """The steps (one per stage) a pretraining recipe runs here."""
+    if not cfg.progressive.enabled:
+        return 2
+    return cfg.progressive.num_stages if cfg.model.name in ALL_STAGES else min(2, cfg.progressive.num_stages)
 
 
 def _param(path: Path, kind: str):
@@ -142,8 +156,9 @@ class Recipes:
         cfg = load_config(config)
         run_dir = self.root / "pretrain" / config.stem
         # one step per progressive stage: every stage is entered (its size, RandAugment, mixup, dropout)
-        steps = cfg.progressive.num_stages if cfg.progressive.enabled else 2
-        overrides = [f"data.train=[{self.pre_data}]", f"train.run_dir={run_dir}", f"train.total_steps={steps}",
+        steps = stages_run(cfg)
+        stages = [f"progressive.num_stages={steps}"] if cfg.progressive.enabled else []
+        overrides = [*stages, f"data.train=[{self.pre_data}]", f"train.run_dir={run_dir}", f"train.total_steps={steps}",
                      f"train.global_batch_size={GLOBAL_BATCH}", f"train.micro_batch_size={MICRO_BATCH}",
                      f"eval.micro_batch_size={EVAL_BATCH}", f"progressive.min_image_size={MIN_SIZE}",
                      f"progressive.max_image_size={SIZE}", f"data.eval_image_size={SIZE}"]
@@ -275,7 +290,7 @@ def test_pretrain_recipe_starts_on_two_ranks(recipes, config):
     assert summary["world_size"] == RANKS and not summary["preempted"]
     assert summary["zero_stage"] == cfg.train.zero_stage
     steps = summary["total_steps"]
-    assert summary["step"] == steps == (cfg.progressive.num_stages if cfg.progressive.enabled else 2)
+    assert summary["step"] == steps == stages_run(cfg)
     # a checkpoint at every stage boundary and at the end; the recipe's keep_last pruned the older ones
     _check_checkpoints(run, steps)
     assert len(run.checkpoints) == min(steps, cfg.checkpoint.keep_last)

@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shards import remote as remote_io
+
 from ..config import DataConfig
 from .decode import resolve_decoder
 from .hf import HFPlan, HFSource, row_address
@@ -80,6 +82,7 @@ from .shards import (
     eval_addresses,
     eval_ranges,
     load_split,
+    mark_warned,
     sample_seed,
     stable_seed,
     verify_sample,
@@ -167,7 +170,8 @@ def _shard_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int, 
     if not cfg.train:
         raise DataError("data.train is empty: list shard folders written by `python -m shards write` "
                         "(or set data.hf_dataset to a datasets folder)")
-    splits = [load_split(root, cfg.train_split) for root in cfg.train]
+    remote = remote_options(cfg)
+    splits = [load_split(root, cfg.train_split, allow_pipe=cfg.allow_pipe, remote=remote) for root in cfg.train]
     _check_splits(splits, cfg, world_size, rank, "data.train")
 
     def make_plan(world_size: int, workers: int, exclude=None, segment: int = 0) -> TrainPlan:
@@ -180,7 +184,8 @@ def _shard_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int, 
                 "weights": list(cfg.train_weights), "resampled": bool(cfg.resampled),
                 "shuffle_buffer": int(cfg.shuffle_buffer), "seed": int(seed)}
     names = ", ".join(f"{s.root} ({s.samples} samples, {s.num_shards} shards)" for s in splits)
-    return Source(kind="shards", plan=plan, make_plan=make_plan, make_fetch=functools.partial(DatasetReaders, splits),
+    return Source(kind="shards", plan=plan, make_plan=make_plan,
+                  make_fetch=functools.partial(DatasetReaders, splits, remote),
                   num_classes=splits[0].num_classes, label_maps=_label_maps(splits),
                   multi_label=[s.multi_label for s in splits], identity=identity, describe=names,
                   dataset_samples=sum(s.samples for s in splits), classes=splits[0].classes,
@@ -199,6 +204,14 @@ def _hf_source(cfg: DataConfig, *, seed: int, world_size: int, workers: int, spl
                   num_classes=src.num_classes, label_maps=[None], multi_label=[src.multi_label],
                   identity=identity, describe=f"{cfg.hf_dataset} [{split}] ({len(src)} samples)",
                   dataset_samples=len(src), classes=src.classes, dataset_sizes=[len(src)])
+
+
+def remote_options(cfg: DataConfig) -> remote_io.RemoteOptions:
+    """How http(s):// and s3:// shards are read (retries, timeouts, endpoint, node-local cache)."""
+    return remote_io.RemoteOptions(
+        retries=cfg.remote_retries, backoff_s=cfg.remote_backoff_s, backoff_max_s=cfg.remote_backoff_max_s,
+        timeout_s=cfg.remote_timeout_s, s3_endpoint_url=cfg.s3_endpoint_url, cache_dir=cfg.cache_dir,
+        cache_bytes=int(cfg.cache_gb * 1e9) if cfg.cache_dir else 0)
 
 
 # -------------------------------------------------------------------------------------------- labels
@@ -271,6 +284,7 @@ class _TrainReaders(IterableDataset):
 
     def _run(self, reader: int) -> Iterator[Union[ReaderBatch, ReaderFailure]]:
         fetch: Fetch = self.make_fetch()
+        self._io_mark = remote_io.counters_snapshot()
         try:
             stream = self.plan.stream(self.epoch, self.rank, reader, fetch=fetch)
             stream.skip(self.positions[reader])
@@ -340,8 +354,11 @@ class _TrainReaders(IterableDataset):
             gen = torch.Generator().manual_seed(stable_seed("mix", self.seed, self.epoch, slot, start_pos)
                                                 & 0x7FFFFFFFFFFFFFFF)
             image, target = mix_batch(image, target, self.mixup, self.cutmix, gen)
+        io_delta = remote_io.counters_delta(self._io_mark)
+        self._io_mark = remote_io.counters_snapshot()
         report = ReaderReport(reader=reader, position=stream.delivered, samples=len(items), bad=len(bad),
-                              bad_examples=tuple(bad[:_MAX_BAD_EXAMPLES]))
+                              bad_examples=tuple(bad[:_MAX_BAD_EXAMPLES]),
+                              remote=tuple((k, v) for k, v in io_delta.items() if v))
         return ReaderBatch(Batch(image=image, target=target, key=keys), report)
 
 
@@ -432,6 +449,7 @@ class TrainLoader:
         self.bad_samples = 0
         self.batches = 0
         self.bad_examples: list[Missing] = []
+        self.remote_io = {k: 0 for k in remote_io.COUNTERS}  # retries, bytes, wait_s, ... (this rank's readers)
         self._it: Optional[Iterator] = None
         self._dl: Optional[DataLoader] = None
         self._empty_epochs = 0
@@ -564,9 +582,14 @@ class TrainLoader:
         self.samples_seen += report.samples
         self._win_samples += report.samples
         self.bad_samples += report.bad
+        for k, v in report.remote:
+            self.remote_io[k] += v
         self.batches += 1
         if report.bad_examples:
             self.bad_examples = (self.bad_examples + list(report.bad_examples))[-_MAX_BAD_EXAMPLES:]
+            for b in report.bad_examples:
+                if "RemoteError" in b.reason:  # the worker warned about it; the next epoch's workers must not
+                    mark_warned(b.url)
         self._check_bad()
         return rec.batch
 
@@ -609,7 +632,8 @@ class TrainLoader:
         out = {"epoch": self.epoch, "samples_seen": self.samples_seen, "bad_samples": self.bad_samples,
                "bad_fraction": self.bad_samples / max(1, self.samples_seen),
                "samples_per_s": self._win_samples / window, "wait_s": self._win_wait,
-               "wait_fraction": self._win_wait / window, "wait_s_total": self.wait_s}
+               "wait_fraction": self._win_wait / window, "wait_s_total": self.wait_s,
+               **{f"remote_{k}": v for k, v in self.remote_io.items()}}
         if reset:
             self._win_start, self._win_samples, self._win_wait = now, 0, 0.0
         return out
@@ -796,6 +820,7 @@ class EvalLoader:
                  batch_size: int, transform: Callable, image_size: int, num_classes: int, multi_label: bool,
                  verify_checksums: bool = False):
         self.num_workers = max(0, workers)
+        self.rank = rank
         self.batch_size = batch_size
         self.image_size = image_size
         self.num_classes = num_classes
@@ -817,13 +842,18 @@ class EvalLoader:
             it = iter(DataLoader(self._readers, batch_size=None, num_workers=self.num_workers,
                                  pin_memory=torch.cuda.is_available(),
                                  generator=_loader_generator("eval", self.image_size, self.batch_size)))
-        produced = 0
+        produced = valid = 0
         for rec in it:
             self.bad_samples += rec.report.bad
+            valid += rec.report.samples - rec.report.bad
             produced += 1
             yield rec.batch
         for _ in range(self.num_batches - produced):
             yield self._readers.collate([])
+        if self.bad_samples:  # an evaluation never shrinks silently
+            print(f"warning: rank {self.rank}: evaluation read {valid} of {valid + self.bad_samples} validation "
+                  f"samples; {self.bad_samples} could not be read or decoded and are left out of the metrics "
+                  "(check the shards with `python -m shards verify`)", file=sys.stderr, flush=True)
 
 
 def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int, rank: int = 0,
@@ -850,13 +880,14 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int
         if root is None:
             raise DataError("no validation data: set data.val (or data.train) to a shard folder, or data.hf_dataset")
         split = split or cfg.val_split
-        s = load_split(root, split)
+        remote = remote_options(cfg)
+        s = load_split(root, split, allow_pipe=cfg.allow_pipe, remote=remote)
         _check_splits([s], cfg, world_size, rank, "data.val")
         total = s.samples
 
         addresses = functools.partial(eval_addresses, s)
 
-        make_fetch = functools.partial(DatasetReaders, [s])
+        make_fetch = functools.partial(DatasetReaders, [s], remote)
         k, multi, describe = s.num_classes, s.multi_label, f"{root} [{split}]"
         check_sums = cfg.verify_checksums and s.checksums
     if num_classes and num_classes < k:

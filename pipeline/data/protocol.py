@@ -264,6 +264,8 @@ class ReaderReport:
     """Of those, the samples that could not be read or decoded (replaced inside a training batch)."""
     bad_examples: tuple[Missing, ...] = ()
     """The first few bad samples, for the error message."""
+    remote: tuple[tuple[str, float], ...] = ()
+    """Remote-storage counters of the reader since its previous report (shards.remote.COUNTERS deltas)."""
 
 
 @dataclass

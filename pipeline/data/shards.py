@@ -27,9 +27,10 @@ import json
 import lzma
 import os
 import random
+import sys
 import tarfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -43,6 +44,7 @@ from shards.format import (  # the writer's contract, defined once
     check_sample,
     unsafe_shard_name,
 )
+from shards.remote import RemoteError, RemoteOptions, is_remote, open_remote
 
 from .protocol import Address, Content, Fetch, Missing
 from .tar import TarStream
@@ -89,17 +91,21 @@ def _join(root: str, name: str) -> str:
     return os.path.join(root, name)
 
 
-def _open_url(url: str):
+def _open_url(url: str, remote: Optional[RemoteOptions] = None, sha256: Optional[str] = None):
+    """http(s):// and s3:// through shards.remote (retries that resume at the byte, the cache); the rest
+    (pipe:, file:, other fsspec schemes) through webdataset's gopen."""
+    if is_remote(url):
+        return open_remote(url, remote or RemoteOptions(), sha256)
     return gopen(url, "rb")
 
 
-def read_info(root: str) -> tuple[dict, str]:
+def read_info(root: str, remote: Optional[RemoteOptions] = None) -> tuple[dict, str]:
     """Load and check ``root/info.json`` (``root`` may also name the json file or be a URL); returns (info, path)."""
     root = str(root)
     path = root if root.endswith(".json") else _join(root, INFO_NAME)
     if is_url(path):
         try:
-            with _open_url(path) as f:
+            with _open_url(path, replace(remote or RemoteOptions(), cache_dir=None)) as f:
                 text = f.read().decode()
         except Exception as e:  # any transport error
             raise DataError(f"{path}: cannot read ({e}); check the URL, or keep info.json in a local folder "
@@ -144,9 +150,9 @@ class SplitIndex:
     offsets: tuple[int, ...] = field(default=(), compare=False)
     """Global index of each shard's first sample (cumulative counts)."""
     sha256: tuple[Optional[str], ...] = field(default=(), compare=False)
-    """Per shard: the whole file's recorded sha256 (None where info.json has none, format version 1). Nothing
-    reads a shard in one piece yet (the loader streams members); where something does (a download, a cache),
-    it checks this with shards.format.file_sha256."""
+    """Per shard: the whole file's recorded sha256 (None where info.json has none, format version 1). The
+    loader streams members; the node-local cache of remote shards (shards.remote.ShardCache) keeps a shard only
+    when the bytes it streamed match this digest."""
     checksums: bool = field(default=False, compare=False)
     """Every sample's json carries its members' sha256 (format version 2): see shards.format.check_sample."""
     damaged: tuple[tuple[str, int, int, int], ...] = field(default=(), compare=False)
@@ -177,9 +183,14 @@ class SplitIndex:
         return out
 
 
-def load_split(root: str, split: str, *, check_files: bool = True) -> SplitIndex:
-    """Read a split's shard list from ``root/info.json``; local shard files are checked to exist."""
-    info, path = read_info(root)
+def load_split(root: str, split: str, *, check_files: bool = True, allow_pipe: bool = False,
+               remote: Optional[RemoteOptions] = None) -> SplitIndex:
+    """Read a split's shard list from ``root/info.json``; local shard files are checked to exist.
+
+    A shard name in info.json that is a ``pipe:`` command is refused unless ``allow_pipe`` (data.allow_pipe): a
+    dataset handed over must not run commands. A ``pipe:`` *root* is the user's own command line and is run.
+    """
+    info, path = read_info(root, remote)
     root = str(root)
     if root.endswith(".json"):
         root = os.path.dirname(root) or "."
@@ -202,6 +213,10 @@ def load_split(root: str, split: str, *, check_files: bool = True) -> SplitIndex
             raise DataError(f"{path}: splits.{split}.shards[{i}].name {s['name']!r} is {unsafe}; refused. Shard "
                             "names are file names inside the shard folder: rewrite the shards with "
                             f"`{WRITE_HINT}`, or fix the name")
+        if s["name"].startswith("pipe:") and not allow_pipe:
+            raise DataError(f"{path}: splits.{split}.shards[{i}].name {s['name'][:60]!r} is a shell command "
+                            "(pipe:); refused, as reading the dataset would run it. If you trust this info.json, "
+                            "set data.allow_pipe=true")
         if s["samples"] == 0:
             continue
         names.append(s["name"])
@@ -283,24 +298,35 @@ def epoch_order(num_shards: int, seed: int, epoch: int, salt: tuple = ()) -> lis
     return order
 
 
-def balanced_split(items: Sequence[int], counts: Sequence[int], groups: int) -> list[list[int]]:
+def balanced_split(items: Sequence[int], counts: Sequence[int], groups: int,
+                   largest_first: bool = False) -> list[list[int]]:
     """Deal shards to ``groups`` in order, each to the group holding the fewest samples so far (ties: lowest).
 
     With equal shard sizes this is round-robin; with uneven sizes the groups' totals differ by at most one
-    shard's size, which keeps the per-reader quota (the minimum) close to the mean.
+    shard's size, which keeps the per-reader quota (the minimum) close to the mean. ``largest_first`` deals the
+    largest shards first (longest-processing-time order; equal counts keep their order), which balances the
+    mixed counts that an epoch continued on another number of readers leaves (whole shards, half-read ones and
+    read ones) much more evenly; each group's shards are then put back in ``items`` order.
     """
+    deal = sorted(items, key=lambda i: -counts[i]) if largest_first else items
     heap = [(0, g) for g in range(groups)]
     out: list[list[int]] = [[] for _ in range(groups)]
-    for i in items:
+    for i in deal:
         total, g = heapq.heappop(heap)
         out[g].append(i)
         heapq.heappush(heap, (total + counts[i], g))
+    if largest_first:
+        position = {i: p for p, i in enumerate(items)}
+        for group in out:
+            group.sort(key=position.__getitem__)
     return out
 
 
-def split_shards(order: Sequence[int], counts: Sequence[int], world_size: int, workers: int) -> list[list[list[int]]]:
+def split_shards(order: Sequence[int], counts: Sequence[int], world_size: int, workers: int,
+                 largest_first: bool = False) -> list[list[list[int]]]:
     """``[rank][worker] -> shard indices``: split by rank first, then each rank's shards by worker."""
-    return [balanced_split(r, counts, workers) for r in balanced_split(order, counts, world_size)]
+    return [balanced_split(r, counts, workers, largest_first)
+            for r in balanced_split(order, counts, world_size, largest_first)]
 
 
 def check_enough_shards(split: SplitIndex, world_size: int, workers: int, what: str) -> None:
@@ -383,7 +409,9 @@ class TrainPlan:
             order = epoch_order(ds.num_shards, self.seed, epoch, (d, passno) if (d or passno) else ())
             if len(self._split_cache) > 64:
                 self._split_cache.clear()
-            self._split_cache[key] = split_shards(order, counts, self.world_size, self.workers)
+            # the rest of an epoch continued on another layout: every sample left, as evenly as whole shards allow
+            rest = passno == 0 and self.exclude[d] is not None
+            self._split_cache[key] = split_shards(order, counts, self.world_size, self.workers, largest_first=rest)
         return self._split_cache[key]
 
     def reader_counts(self, epoch: int, rank: int, worker: int) -> list[int]:
@@ -567,6 +595,23 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (head + "/" + stem if head else stem), ext
 
 
+_WARNED_URLS: set[str] = set()
+
+
+def mark_warned(url: str) -> None:
+    """Record that a loader worker warned about ``url``: processes forked from this one later (the next epoch's
+    workers) do not repeat it."""
+    _WARNED_URLS.add(url)
+
+
+def _warn_remote_once(url: str, error: Exception, remote: Optional[RemoteOptions]) -> None:
+    if url not in _WARNED_URLS:  # once per shard URL and process, however often the shard comes back
+        _WARNED_URLS.add(url)
+        retries = (remote or RemoteOptions()).retries
+        print(f"warning: {error}; the rest of this shard is counted as bad samples (data.remote_retries={retries})",
+              file=sys.stderr, flush=True)
+
+
 class ShardReader:
     """Reads one dataset's samples for one reader, in stream order, opening a shard only when needed.
 
@@ -575,8 +620,9 @@ class ShardReader:
     A shard that ends early or breaks yields :class:`Missing` for every sample it still owes.
     """
 
-    def __init__(self, split: SplitIndex):
+    def __init__(self, split: SplitIndex, remote: Optional[RemoteOptions] = None):
         self.split = split
+        self.remote = remote
         self._instance = -1
         self._tf: Optional[TarStream] = None
         self._pending = None  # (member, ext, sample_index, key): a header read but not consumed
@@ -599,10 +645,13 @@ class ShardReader:
         self._url = url = self.split.urls[shard]
         self.opened += 1
         try:
-            self._tf = TarStream(_open_url(url)) if is_url(url) else TarStream.open(url)
+            sha256 = self.split.sha256[shard] if self.split.sha256 else None  # checked by the cache on fill
+            self._tf = TarStream(_open_url(url, self.remote, sha256)) if is_url(url) else TarStream.open(url)
         except Exception as e:
             self._broken = f"cannot open shard: {type(e).__name__}: {e}"
             self.close()
+            if isinstance(e, RemoteError):
+                _warn_remote_once(url, e, self.remote)
 
     def _advance(self) -> None:
         assert self._tf is not None
@@ -648,6 +697,8 @@ class ShardReader:
         except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:  # cut, I/O, pipe
             self._broken = f"shard unreadable after sample {self._count}: {type(e).__name__}: {e}"
             self.close()
+            if isinstance(e, RemoteError):
+                _warn_remote_once(url, e, self.remote)
             if group is None:
                 return Missing(f"{os.path.basename(url)}#{member}", url, self._broken)
             return Missing(group["__key__"], url, self._broken)  # the sample itself may be cut short
@@ -661,8 +712,8 @@ class ShardReader:
 class DatasetReaders:
     """One :class:`ShardReader` per dataset: the ``fetch`` callback of a reader's :class:`ShuffleStream`."""
 
-    def __init__(self, datasets: Sequence[SplitIndex]):
-        self.readers = [ShardReader(d) for d in datasets]
+    def __init__(self, datasets: Sequence[SplitIndex], remote: Optional[RemoteOptions] = None):
+        self.readers = [ShardReader(d, remote) for d in datasets]
 
     def __call__(self, address: Address) -> Content:
         return self.readers[address.dataset].get(address.instance, address.shard, address.member)

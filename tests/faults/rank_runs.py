@@ -46,6 +46,14 @@ class Ranks:
     pause_dir: Path
     run_dir: Path
 
+    @property
+    def world(self) -> int:
+        return len(self.logs)
+
+    @property
+    def all(self) -> range:
+        return range(self.world)
+
     def out(self, rank: int = 0) -> str:
         """The rank's stdout, then its stderr."""
         return self.logs[rank].read_text(errors="replace") + self.err(rank)
@@ -59,13 +67,13 @@ class Ranks:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def signal(self, sig: signal.Signals, ranks: Iterable[int] = (0, 1)) -> None:
-        for r in ranks:
+    def signal(self, sig: signal.Signals, ranks: Optional[Iterable[int]] = None) -> None:
+        for r in self.all if ranks is None else ranks:
             os.kill(self.procs[r].pid, sig)
 
-    def kill9(self, ranks: Iterable[int] = (0, 1)) -> None:
+    def kill9(self, ranks: Optional[Iterable[int]] = None) -> None:
         """kill -9 of ranks (their whole session: loader workers too), waiting until they are gone."""
-        for r in ranks:
+        for r in self.all if ranks is None else ranks:
             p = self.procs[r]
             for kill in (os.killpg, os.kill):
                 try:
@@ -91,17 +99,17 @@ class Ranks:
 
     def wait_paused(self, point: str, timeout: float = 180) -> None:
         """Every rank is held at ``point`` (see pipeline.trainer.TestHooks)."""
-        self.wait_until(lambda: all((self.pause_dir / f"{point}.rank{r}").exists() for r in range(WORLD)),
+        self.wait_until(lambda: all((self.pause_dir / f"{point}.rank{r}").exists() for r in self.all),
                         f"every rank at the '{point}' test hook", timeout)
 
     def release(self, point: str) -> None:
         (self.pause_dir / f"{point}.go").touch()
 
-    def wait(self, timeout: float = 180, ranks: Iterable[int] = (0, 1)) -> list[Optional[int]]:
-        """Exit statuses of ``ranks`` (every process is killed on a timeout)."""
+    def wait(self, timeout: float = 180, ranks: Optional[Iterable[int]] = None) -> list[Optional[int]]:
+        """Exit statuses of ``ranks`` (default all; every process is killed on a timeout)."""
         deadline = time.monotonic() + timeout
         codes = []
-        for r in ranks:
+        for r in self.all if ranks is None else ranks:
             try:
                 codes.append(self.procs[r].wait(max(0.1, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
@@ -115,17 +123,19 @@ class Ranks:
 
 
 def start(tmp: Path, run_dir: Path, shards: Path, *extra: str, pause: Iterable[str] = (),
-          env: Optional[dict] = None) -> Ranks:
-    """Both ranks of a run of ``run_dir`` (resuming from its newest complete checkpoint, as users rerun a job)."""
+          env: Optional[dict] = None, world: int = WORLD) -> Ranks:
+    """The ``world`` ranks of a run of ``run_dir`` (resuming from its newest complete checkpoint, as users rerun
+    a job); each records the sample keys it trains on in its launch folder (:func:`keys_by_step`)."""
     logs_dir = tmp / f"ranks-{time.monotonic_ns()}"
     logs_dir.mkdir(parents=True)
     port = free_port()
     procs, logs = [], []
-    for rank in range(WORLD):
+    for rank in range(world):
         rank_env = launch.env()
-        rank_env.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+        rank_env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1",
-                        EFFNETV2_TEST_PAUSE=",".join(pause), EFFNETV2_TEST_PAUSE_DIR=str(logs_dir), **(env or {}))
+                        EFFNETV2_TEST_PAUSE=",".join(pause), EFFNETV2_TEST_PAUSE_DIR=str(logs_dir),
+                        EFFNETV2_TEST_KEYS=str(logs_dir), **(env or {}))
         log = logs_dir / f"rank{rank}.log"
         cmd = [sys.executable, "-m", "pipeline.pretrain", "--config", launch.CONFIG, f"data.train=[{shards}]",
                f"train.run_dir={run_dir}", *SETTINGS, *extra]
@@ -210,6 +220,25 @@ def like_straight(reference: Path, run_dir: Path, upto: int = STEPS) -> None:
     for rank in range(WORLD):
         x, y = (torch.load(rank_file(c, rank), map_location="cpu", weights_only=False) for c in (ours, theirs))
         assert _same(x["parts"], y["parts"]) and _same(x["rng"], y["rng"]), f"{rank_file(ours, rank)} differs"
+
+
+def keys_by_step(ranks: Ranks) -> dict[int, list[str]]:
+    """The sample keys every rank of a launch trained on, by step (all ranks' micro-batches together)."""
+    out: dict[int, list[str]] = {}
+    for r in ranks.all:
+        path = ranks.pause_dir / f"keys.rank{r}.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            record = json.loads(line)
+            out.setdefault(record["step"], []).extend(record["keys"])
+    return out
+
+
+def straight_launch(run_dir: Path) -> Ranks:
+    """The finished launch of the uninterrupted run (:func:`straight`), for its logs and keys."""
+    folders = sorted(run_dir.parent.glob("ranks-*"))
+    assert len(folders) == 1, folders
+    logs = [folders[0] / f"rank{r}.log" for r in range(WORLD)]
+    return Ranks([], logs, folders[0], run_dir)
 
 
 def marker_steps(run_dir: Path) -> list[int]:

@@ -286,9 +286,12 @@ def sweep(seed: int = 14, counts=(("typo_key", 18), ("typo_section", 8), ("wrong
     rng = random.Random(seed)
     keys = schema()
     sections = {k.split(".")[0] for k in keys}
+    # wrong types go round every kind of field in turn (a random pick over the keys would depend on how many
+    # keys of each kind the schema has today)
+    kinds = sorted({kind for kind in keys.values() if kind in WRONG})
     cases = []
     for what, n in counts:
-        for _ in range(n):
+        for i in range(n):
             entry, via = rng.choice(sorted(ENTRY_POINTS)), rng.choice(["override", "file"])
             if what == "typo_key":
                 key = rng.choice(sorted(k for k in keys if not k.startswith("deepspeed")))
@@ -302,7 +305,7 @@ def sweep(seed: int = 14, counts=(("typo_key", 18), ("typo_section", 8), ("wrong
                 bad = _misspell(rng, section, sections)
                 cases.append(Case(entry, via, what, f"{bad}.{name}", "1", suggestion=section))
             elif what == "wrong_type":
-                key = rng.choice(sorted(k for k in keys if keys[k] in WRONG))
+                key = rng.choice(sorted(k for k in keys if keys[k] == kinds[i % len(kinds)]))
                 cases.append(Case(entry, via, what, key, rng.choice(WRONG[keys[key]])))
             else:
                 key = rng.choice(sorted(OUT_OF_RANGE))

@@ -15,18 +15,24 @@ the checkpoints both runs have (steps 4 and 6: EMA, BN statistics, loader positi
 4. during a stage change (stage 2 -> 3 at step 9, before the loader switches): one step of the new stage, its
    checkpoint (9), exit 0.
 
-Universal conversion at start-up (a resume on another number of ranks) is not covered here.
+And, on a copy of the uninterrupted run cut back to its step-6 checkpoint, a resume on 1 rank (a world-size
+change: DeepSpeed's universal conversion runs first, in a child process) preempted while the conversion runs, with
+the signal sent to every process of the job step as SLURM does (the converter too): the conversion completes, the
+run takes one step, saves it and exits 0; the rerun continues, and no sample is trained on twice.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 import rank_runs as rr
 
-from pipeline.checkpoint import MARKER, latest, step_tag
+from pipeline.checkpoint import MARKER, latest, list_checkpoints, step_tag
+from pipeline.engine import is_universal_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +110,45 @@ def test_preempted_during_evaluation(chain, tmp_path):
 def test_preempted_during_a_stage_change(chain, tmp_path):
     ranks = preempt_at(chain, tmp_path, "stage", 6, 9)
     assert "stage 3/3: steps 8-11" in ranks.out(0)
+
+
+def _child_running(parent: int, needle: str) -> bool:
+    """A child process of ``parent`` whose command line contains ``needle`` is running."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] not in "ZX" and needle.encode() in cmdline:
+            return True
+    return False
+
+
+def test_preempted_during_universal_conversion_on_another_world_size(chain, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(chain.straight, run_dir)
+    for c in list_checkpoints(run_dir):
+        if c.step > 6:
+            shutil.rmtree(c.path)
+    universal = run_dir / "checkpoints" / f"{step_tag(6)}_universal"
+    ranks = rr.start(tmp_path, run_dir, chain.shards, world=1)
+    converter = "deepspeed.checkpoint.ds_to_universal"
+    ranks.wait_until(lambda: _child_running(ranks.procs[0].pid, converter), "the universal conversion")
+    assert not is_universal_checkpoint(universal)
+    os.killpg(ranks.procs[0].pid, signal.SIGUSR1)  # the rank's session: the rank and its converter
+    ranks.expect_exit([0])
+    out = ranks.out(0)
+    assert "resuming a 2-rank checkpoint on 1 rank: converting to a universal checkpoint" in out, ranks.report()
+    assert "preemption signal: checkpoint at step 7 saved" in out, ranks.report()
+    assert is_universal_checkpoint(universal) and not universal.with_name(universal.name + ".tmp").exists()
+    assert rr.marker_steps(run_dir) == [2, 4, 6, 7]
+    again = rr.start(tmp_path, run_dir, chain.shards, world=1)
+    again.expect_exit([0])
+    assert latest(run_dir) == rr.STEPS and "converting" not in again.out(0), again.report()
+    # no sample twice: the uninterrupted run's steps 1-6 (2 ranks), then step 7 and steps 8-12 on 1 rank
+    before = rr.keys_by_step(rr.straight_launch(chain.straight))
+    steps = {**{s: before[s] for s in range(1, 7)}, 7: rr.keys_by_step(ranks)[7], **rr.keys_by_step(again)}
+    assert sorted(steps) == list(range(1, rr.STEPS + 1))
+    keys = [k for s in sorted(steps) for k in steps[s]]
+    assert all(len(steps[s]) == 16 for s in steps) and len(set(keys)) == len(keys) == 16 * rr.STEPS
