@@ -426,6 +426,50 @@ def test_s3_faults_cost_retries_not_samples(s3_demo, s3_proxy, local_keys):
     assert sum(s["remote_retries"] for s in stats) > 0 and time.monotonic() - start < 30
 
 
+def test_s3_server_killed_and_restarted_mid_epoch(s3_env, demo, tmp_path, local_keys):
+    """The S3 server behind the endpoint is killed with SIGKILL mid-epoch and a new one takes its place a second
+    later. moto keeps objects in memory, so the new server gets the same bytes before the endpoint (the proxy,
+    standing in for the store's load balancer) points at it, as a real store's data outlives its frontends."""
+    objects = [p for p in sorted(demo.iterdir()) if p.suffix in (".tar", ".json")]
+
+    def serve() -> MotoS3:
+        server = MotoS3(tmp_path / f"moto{len(servers)}").start()
+        client = remote.s3_client(remote.RemoteOptions(s3_endpoint_url=server.url))
+        client.create_bucket(Bucket=BUCKET)
+        for p in objects:
+            client.put_object(Bucket=BUCKET, Key=f"restart/{p.name}", Body=p.read_bytes())
+        servers.append(server)
+        return server
+
+    servers: list[MotoS3] = []
+    front = FaultProxy(serve().port, seed=3)
+    restarted = threading.Event()
+
+    def replace() -> None:
+        front.upstream = serve().port
+        restarted.set()
+
+    def during(rank, i):
+        if rank == 0 and i == 6:  # the readers have opened their first shards and have more to read
+            servers[0].stop()
+            threading.Timer(1.0, replace).start()
+
+    try:
+        cfg = data_cfg(f"s3://{BUCKET}/restart/", s3_endpoint_url=front.url,
+                       **{**FAST_RETRIES, "remote_retries": 200, "remote_backoff_max_s": 0.2})
+        keys, stats = keys_by_rank(cfg, BATCHES, during=during)
+        assert restarted.wait(60)
+    finally:
+        restarted.wait(60)
+        front.close()
+        for server in servers:
+            server.stop()
+    assert len(servers) == 2
+    assert keys == local_keys
+    assert [s["bad_samples"] for s in stats] == [0, 0]
+    assert stats[0]["remote_retries"] > 0, stats
+
+
 @pytest.mark.parametrize("where", ["http", "s3"])
 def test_connections_cut_inside_the_response_headers_are_retried(where, proxy, s3_demo, s3_proxy, local_keys):
     """Half the connections cut within their first 400 bytes, i.e. inside the response headers: http.client then
