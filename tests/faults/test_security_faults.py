@@ -82,6 +82,35 @@ def test_python_tags_are_refused_in_files_and_overrides(tmp_path, capsys, tag, w
     assert not marker.exists()
 
 
+def anchor_bomb(depth: int = 9) -> str:
+    """A flow list of ``depth`` levels, each ten aliases of the one before ("billion laughs"): its last level is
+    10**depth strings once expanded."""
+    levels = ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, depth)]
+    return "[" + ", ".join(levels) + "]"
+
+
+def _expanded(node, memo: dict) -> int:
+    """Leaves of a safely loaded YAML value with every alias expanded (PyYAML shares aliased nodes)."""
+    if id(node) not in memo:
+        memo[id(node)] = sum(_expanded(v, memo) for v in node) if isinstance(node, list) else 1
+    return memo[id(node)]
+
+
+def test_anchor_bombs_are_refused_in_files_and_overrides(tmp_path, capsys):
+    """A config whose aliases expand to 10**9 values would take the loader's memory (the config is merged and
+    copied node by node); it ends in one line at once, in a file and in an override."""
+    bomb = anchor_bomb()
+    assert _expanded(yaml.safe_load(bomb)[-1], {}) == 10**9  # the payload is real: its last level alone
+    run = tmp_path / "run.yaml"
+    run.write_text(f"train:\n  run_dir: {bomb}\n")
+    for config, overrides in ((str(run), []), (None, [f"train.run_dir={bomb}"])):
+        rc, err = run_main(capsys, "pretrain", overrides, config=config)
+        line = one_error_line(err)
+        assert rc == 2 and "expansion exceeds" in line, line
+        assert (str(run) if config else "override 'train.run_dir=") in line, line
+
+
 # ---- pickle inits --------------------------------------------------------------------------------------------
 
 def _pickles(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
