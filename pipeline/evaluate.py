@@ -239,6 +239,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     ap.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                     help="autocast dtype of the forward pass (default: fp32)")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="read a timm folder whose weights are only pytorch_model.bin (a pickle; read as tensors "
+                         "only). Refused without it: unpickling can run code the file brings")
     ap.add_argument("--json", metavar="OUT", help="write the results as JSON")
     ap.add_argument("--tensorboard", metavar="DIR", help="log eval_sweep/* scalars (step = image size) here")
     return ap.parse_args(argv)
@@ -263,7 +266,7 @@ def run(args: argparse.Namespace) -> dict:
         raise EvalError(f"--sizes: image sizes must be positive, got {args.sizes}")
     if args.batch_size < 1 or args.workers < 0:
         raise EvalError("--batch-size must be >= 1 and --workers >= 0")
-    model, meta = load_model(args.export)
+    model, meta = load_model(args.export, allow_pickle=args.allow_pickle)
     model.eval()
     mean, std = normalisation(meta)
     threshold, threshold_from = crop_threshold(args.crop_threshold, meta)

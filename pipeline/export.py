@@ -31,8 +31,10 @@ import argparse
 import json
 import math
 import os
+import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union, get_args
 
@@ -282,13 +284,15 @@ def _timm_classes(cfg: dict, pcfg: dict, num_classes: int) -> list[dict]:
     return out
 
 
-def model_from_timm_folder(path: str | os.PathLike, **overrides) -> tuple[EfficientNetV2, dict]:
+def model_from_timm_folder(path: str | os.PathLike, allow_pickle: bool = False,
+                           **overrides) -> tuple[EfficientNetV2, dict]:
     """Our model from a timm hub folder (config.json + model.safetensors / pytorch_model.bin) of a timm
     efficientnetv2_* / tf_efficientnetv2_* model: the architecture's options (plus the folder's bn_eps / pad_type
     arguments), timm's weights through our key map. The meta is the one of our model.json (``format`` 'timm',
     ``timm``: {architecture, model_args, pretrained_cfg}); folders written here carry ours (classes with index,
     sizes, eval_crop_threshold, source), others get one built from config.json (``image_size`` from input_size,
-    ``source.path``)."""
+    ``source.path``). A folder whose weights are only ``pytorch_model.bin`` (a pickle) is refused unless
+    ``allow_pickle``; then it is read with ``torch.load(weights_only=True)``: tensors only, nothing run."""
     p = Path(path)
     try:
         cfg = json.loads((p / TIMM_CONFIG).read_text())
@@ -315,8 +319,20 @@ def model_from_timm_folder(path: str | os.PathLike, **overrides) -> tuple[Effici
     in_chans = int(args.get("in_chans", (pcfg.get("input_size") or [3])[0]))
     if (p / WEIGHTS_FILE).is_file():
         state = load_file(str(p / WEIGHTS_FILE))
+    elif not allow_pickle:
+        raise ExportError(f"{p / TIMM_WEIGHTS_PT}: a pickle file (the folder has no {WEIGHTS_FILE}), refused because "
+                          "unpickling can run code that the file brings; convert it to safetensors, or, for a file "
+                          "you trust, pass --allow-pickle (it is then read as tensors only)")
     else:
-        state = torch.load(str(p / TIMM_WEIGHTS_PT), map_location="cpu", weights_only=True)
+        try:
+            with warnings.catch_warnings():  # "pickle protocol 4 ..." and the like: the error below says enough
+                warnings.simplefilter("ignore")
+                state = torch.load(str(p / TIMM_WEIGHTS_PT), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # objects beyond tensors: refused by the weights-only unpickler, not run
+            detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln),
+                          "not tensors")
+            raise ExportError(f"{p / TIMM_WEIGHTS_PT}: holds pickled objects other than tensors ({detail}); they were "
+                              "not loaded, since unpickling them could run code") from None
     kwargs = dict(opts, num_classes=num_classes, in_chans=in_chans)
     kwargs.update(overrides)
     name = timm_model_options(str(arch))[0]
@@ -339,10 +355,11 @@ def model_from_timm_folder(path: str | os.PathLike, **overrides) -> tuple[Effici
     return model, meta
 
 
-def load_model(path: str | os.PathLike, **overrides) -> tuple[EfficientNetV2, dict]:
+def load_model(path: str | os.PathLike, allow_pickle: bool = False, **overrides) -> tuple[EfficientNetV2, dict]:
     """(model, meta) from an export folder of ours (model.json) or a timm hub folder (config.json +
     model.safetensors, e.g. written by ``--format timm`` or downloaded from the Hub). ``overrides`` go to
-    create_model (``channels_last`` ...). The meta has our model.json's keys (architecture, classes,
+    create_model (``channels_last`` ...); ``allow_pickle`` lets a timm folder holding only pytorch_model.bin be
+    read (tensors only). The meta has our model.json's keys (architecture, classes,
     image_size, mean, std, and eval_crop_threshold and source where known); see :func:`model_from_timm_folder`."""
     p = Path(path)
     if not p.exists():
@@ -350,7 +367,7 @@ def load_model(path: str | os.PathLike, **overrides) -> tuple[EfficientNetV2, di
     if is_export(p):
         return model_from_export(p, **overrides)
     if is_timm_export(p):
-        return model_from_timm_folder(p, **overrides)
+        return model_from_timm_folder(p, allow_pickle=allow_pickle, **overrides)
     raise ExportError(f"{p}: neither an export folder ({WEIGHTS_FILE} + {META_FILE}) nor a timm folder "
                       f"({TIMM_CONFIG} + {WEIGHTS_FILE}); create one with "
                       f"`python -m pipeline.export RUN_DIR --out {p}`")

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from test_config_faults import finish, one_error_line, run_main, start, write_tiny_shards
 
 from pipeline import finetune_lib as fl
-from pipeline.export import architecture_meta, load_model, save_exports, timm_export_dir
+from pipeline.evaluate import main as evaluate_main
+from pipeline.export import ExportError, architecture_meta, load_model, save_exports, timm_export_dir
 from pipeline.models import create_model
 
 
@@ -200,6 +201,33 @@ def test_exports_are_safetensors_and_json_only(tmp_path, name, fmt):
         weights = load_file(str(folder / "model.safetensors"))
         assert len(weights) == len(header) - ("__metadata__" in header)
     loaded, _ = load_model(out if fmt == "ours" else timm_export_dir(out))
+    assert torch.equal(loaded.state_dict()["stem.conv.weight"], model.state_dict()["stem.conv.weight"])
+
+
+def test_timm_folder_with_only_a_pickle_is_refused_unless_allowed(tmp_path, transfer, capsys):
+    """A timm hub folder whose weights are only pytorch_model.bin: `python -m pipeline.evaluate` refuses it in one
+    line unless --allow-pickle; allowed, a payload is refused by the tensors-only reader and plain weights load."""
+    model = create_model("efficientnetv2_b0", num_classes=2)
+    meta = {"architecture": architecture_meta(model), "classes": [{"index": i, "name": str(i)} for i in range(2)],
+            "image_size": {"train": 32, "eval": 32}, "mean": [0.5] * 3, "std": [0.5] * 3, "eval_crop_threshold": 0,
+            "source": {"run_dir": "test", "tag": "step-00000000", "step": 0, "weights": "raw"}}
+    folder = save_exports(model.state_dict(), meta, tmp_path / "export", "timm")["timm"]
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "bin-ran"
+    bin_file = folder / "pytorch_model.bin"
+    bin_file.write_bytes(pickle.dumps({**weights, "extra": Payload(marker)}))
+    for allow in ([], ["--allow-pickle"]):
+        capsys.readouterr()
+        rc = evaluate_main([str(folder), "--data", str(transfer), "--sizes", "32", "--device", "cpu", *allow])
+        line = one_error_line(capsys.readouterr().err)
+        assert rc == 2 and str(bin_file) in line, line
+        assert ("--allow-pickle" in line) if not allow else ("other than tensors" in line), line
+        assert not marker.exists()
+    torch.save(weights, bin_file)  # plain tensors: read when allowed, the same weights as the safetensors file
+    with pytest.raises(ExportError, match="--allow-pickle"):
+        load_model(folder)
+    loaded, _ = load_model(folder, allow_pickle=True)
     assert torch.equal(loaded.state_dict()["stem.conv.weight"], model.state_dict()["stem.conv.weight"])
 
 
