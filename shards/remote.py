@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,13 @@ def counters_snapshot() -> dict:
 
 def counters_delta(before: dict) -> dict:
     return {k: COUNTERS[k] - before.get(k, 0) for k in COUNTERS}
+
+
+def counters_since(mark: dict) -> dict:
+    """The counters' growth since ``mark`` (a :func:`counters_snapshot`), which then moves on to now."""
+    delta = counters_delta(mark)
+    mark.update(COUNTERS)
+    return delta
 
 
 def scheme(url: str) -> str:
@@ -511,7 +519,7 @@ def put_bytes(data: bytes, url: str, options: RemoteOptions = RemoteOptions()) -
 
 def list_sizes(root: str, options: RemoteOptions = RemoteOptions()) -> dict[str, int]:
     """{name: size} of the objects directly under an s3 prefix."""
-    bucket, prefix = split_s3(root.rstrip("/") + "/")
+    bucket, prefix = split_s3(join_url(root, ""))
     out: dict[str, int] = {}
     for page in s3_client(options).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", ()):
@@ -530,7 +538,7 @@ class S3Publisher:
     only the rest; info.json goes up last and marks the end, as in a local folder."""
 
     def __init__(self, root: str, options: RemoteOptions = RemoteOptions(), multipart_bytes: int = 64 << 20):
-        self.root = root.rstrip("/") + "/"
+        self.root = join_url(root, "")
         split_s3(self.root)
         self.options, self.multipart_bytes = options, multipart_bytes
 
@@ -600,9 +608,5 @@ def object_sizes(root: str, names: list[str], options: RemoteOptions = RemoteOpt
 def download(url: str, dest: Path, options: RemoteOptions = RemoteOptions()) -> Path:
     """Stream ``url`` into ``dest`` (with the retries of :class:`RemoteStream`)."""
     with io.BufferedReader(RemoteStream(url, options), _CHUNK) as src, open(dest, "wb") as f:
-        while True:
-            chunk = src.read(_CHUNK)
-            if not chunk:
-                break
-            f.write(chunk)
+        shutil.copyfileobj(src, f, _CHUNK)
     return dest

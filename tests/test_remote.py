@@ -431,6 +431,7 @@ def test_s3_server_killed_and_restarted_mid_epoch(s3_env, demo, tmp_path, local_
     later. moto keeps objects in memory, so the new server gets the same bytes before the endpoint (the proxy,
     standing in for the store's load balancer) points at it, as a real store's data outlives its frontends."""
     objects = [p for p in sorted(demo.iterdir()) if p.suffix in (".tar", ".json")]
+    servers: list[MotoS3] = []
 
     def serve() -> MotoS3:
         server = MotoS3(tmp_path / f"moto{len(servers)}").start()
@@ -441,7 +442,6 @@ def test_s3_server_killed_and_restarted_mid_epoch(s3_env, demo, tmp_path, local_
         servers.append(server)
         return server
 
-    servers: list[MotoS3] = []
     front = FaultProxy(serve().port, seed=3)
     restarted = threading.Event()
 

@@ -354,8 +354,7 @@ class _TrainReaders(IterableDataset):
             gen = torch.Generator().manual_seed(stable_seed("mix", self.seed, self.epoch, slot, start_pos)
                                                 & 0x7FFFFFFFFFFFFFFF)
             image, target = mix_batch(image, target, self.mixup, self.cutmix, gen)
-        io_delta = remote_io.counters_delta(self._io_mark)
-        self._io_mark = remote_io.counters_snapshot()
+        io_delta = remote_io.counters_since(self._io_mark)
         report = ReaderReport(reader=reader, position=stream.delivered, samples=len(items), bad=len(bad),
                               bad_examples=tuple(bad[:_MAX_BAD_EXAMPLES]),
                               remote=tuple((k, v) for k, v in io_delta.items() if v))

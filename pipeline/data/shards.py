@@ -44,7 +44,7 @@ from shards.format import (  # the writer's contract, defined once
     check_sample,
     unsafe_shard_name,
 )
-from shards.remote import RemoteError, RemoteOptions, is_remote, open_remote
+from shards.remote import RemoteError, RemoteOptions, is_remote, join_url, open_remote
 
 from .protocol import Address, Content, Fetch, Missing
 from .tar import TarStream
@@ -87,7 +87,7 @@ def _join(root: str, name: str) -> str:
     if is_url(name) or os.path.isabs(name):
         return name
     if is_url(root):
-        return root.rstrip("/") + "/" + name
+        return join_url(root, name)
     return os.path.join(root, name)
 
 

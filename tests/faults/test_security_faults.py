@@ -182,12 +182,18 @@ def _safetensors_header(path: Path) -> dict:
     return header
 
 
+def export_meta(model, num_classes: int, size: int) -> dict:
+    """The model.json content of an export of ``model`` (what a run's export writes)."""
+    return {"architecture": architecture_meta(model),
+            "classes": [{"index": i, "name": str(i)} for i in range(num_classes)],
+            "image_size": {"train": size, "eval": size}, "mean": [0.5] * 3, "std": [0.5] * 3, "eval_crop_threshold": 0,
+            "source": {"run_dir": "test", "tag": "step-00000000", "step": 0, "weights": "raw"}}
+
+
 @pytest.mark.parametrize("name,fmt", [("efficientnetv2_test", "ours"), ("efficientnetv2_b0", "both")])
 def test_exports_are_safetensors_and_json_only(tmp_path, name, fmt):
     model = create_model(name, num_classes=5)
-    meta = {"architecture": architecture_meta(model), "classes": [{"index": i, "name": str(i)} for i in range(5)],
-            "image_size": {"train": 64, "eval": 64}, "mean": [0.5] * 3, "std": [0.5] * 3, "eval_crop_threshold": 0,
-            "source": {"run_dir": "test", "tag": "step-00000000", "step": 0, "weights": "raw"}}
+    meta = export_meta(model, 5, 64)
     out = tmp_path / "export"
     folders = save_exports(model.state_dict(), meta, out, fmt)
     assert set(folders) == ({"ours", "timm"} if fmt == "both" else {"ours"})
@@ -208,9 +214,7 @@ def test_timm_folder_with_only_a_pickle_is_refused_unless_allowed(tmp_path, tran
     """A timm hub folder whose weights are only pytorch_model.bin: `python -m pipeline.evaluate` refuses it in one
     line unless --allow-pickle; allowed, a payload is refused by the tensors-only reader and plain weights load."""
     model = create_model("efficientnetv2_b0", num_classes=2)
-    meta = {"architecture": architecture_meta(model), "classes": [{"index": i, "name": str(i)} for i in range(2)],
-            "image_size": {"train": 32, "eval": 32}, "mean": [0.5] * 3, "std": [0.5] * 3, "eval_crop_threshold": 0,
-            "source": {"run_dir": "test", "tag": "step-00000000", "step": 0, "weights": "raw"}}
+    meta = export_meta(model, 2, 32)
     folder = save_exports(model.state_dict(), meta, tmp_path / "export", "timm")["timm"]
     weights = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
