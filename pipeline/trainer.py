@@ -33,7 +33,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from pipeline.preemption import PreemptionHandler
 from pipeline.progressive import Stage, StageSchedule, resolve_total_steps
 from pipeline.runlock import RunLock
 from pipeline.testhooks import TestHooks
+from pipeline.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,7 @@ class Trainer:
         # first, so that a preemption warning during start-up (loading, conversion) is not fatal
         self.preempt = PreemptionHandler.from_config(cfg.checkpoint, rank=self.rank)
         self.hooks = TestHooks(self.rank)
+        self.watchdog: Optional[Watchdog] = None  # armed by train(): stacks printed when this rank stalls
         # One job per run dir (pipeline.runlock): rank 0 opens and locks it; an unusable or busy one fails here
         self.run_lock = RunLock(self.run_dir)
         distributed.on_rank0(self.run_lock.acquire)
@@ -441,7 +443,9 @@ class Trainer:
 
     def train(self) -> dict:
         """Run to the end or to a preemption; returns the summary. A collective that fails (another rank died, or
-        stopped answering for train.collective_timeout_s) ends the run with one TrainingError line."""
+        stopped answering for train.collective_timeout_s) ends the run with one TrainingError line. A rank that
+        makes no progress for 3/4 of that timeout prints its stacks first (pipeline.watchdog)."""
+        self.watchdog = Watchdog(0.75 * self.cfg.train.collective_timeout_s, rank=self.rank)
         try:
             return self._train()
         except (RuntimeError, TrainingError) as e:
@@ -449,6 +453,13 @@ class Trainer:
             if isinstance(e, TrainingError) or not distributed.is_collective_failure(e):
                 raise
             raise TrainingError(self._collective_failure_message(e)) from None
+        finally:
+            self.watchdog.close()
+            self.watchdog = None
+
+    def _beat(self, where: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(where)
 
     def _train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -474,6 +485,7 @@ class Trainer:
                     self._enter_stage(stage)
                 lr = self.lr_fn(self.step)
                 loss = self.train_step(stage, lr)
+                self._beat(f"step {self.step}")
                 if self.step_applied:  # a skipped step's loss is not finite: left out of the logged mean
                     loss_sum += loss
                     loss_count += 1
@@ -494,6 +506,7 @@ class Trainer:
                 regular = final or self.counters.nonfinite_in_a_row == 0
                 if stop or (regular and self.ckpt.should_save(self.step, stage_boundary=boundary, final=final)):
                     self._save()
+                    self._beat(f"the checkpoint of step {self.step}")
                 if stop:
                     self.print(f"preemption signal: checkpoint at step {self.step} saved; exiting (rerun the same "
                                 "command, or let SLURM requeue the job, to resume)")
@@ -621,8 +634,16 @@ class Trainer:
     def _run_eval(self, loader) -> dict:
         """Top-1 / top-5 of the current weights, every sample once across ranks (pipeline.metrics.evaluate_topk,
         which `python -m pipeline.evaluate` runs too)."""
-        return evaluate_topk(self.backend.forward, loader, device=self.backend.device,
-                             max_batches=self.cfg.eval.max_batches, group=self.control_group)
+        return evaluate_topk(self.backend.forward, self._beating(loader, f"an evaluation at step {self.step}"),
+                             device=self.backend.device, max_batches=self.cfg.eval.max_batches,
+                             group=self.control_group)
+
+    def _beating(self, batches: Iterable, what: str) -> Iterator:
+        """``batches`` with a watchdog beat per batch."""
+        self._beat(f"the start of {what}")
+        for i, batch in enumerate(batches, 1):
+            self._beat(f"batch {i} of {what}")
+            yield batch
 
     def evaluate(self) -> dict:
         """Raw and EMA weights on the validation data (BN statistics averaged across ranks for it)."""

@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from slurm_cluster import ClusterError, SlurmCluster, _cmdline, _pid_alive, _which, started  # noqa: E402
+from slurm_cluster import ClusterError, SlurmCluster, _cmdline, _pid_alive, _which, fail_job, started  # noqa: E402,F401
 from slurm_cluster import unavailable_reason as _slurm_unavailable  # noqa: E402
 
 REGISTRY_DIR = Path(tempfile.gettempdir())

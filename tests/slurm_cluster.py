@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NoReturn, Optional, Sequence
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
@@ -34,6 +34,19 @@ FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 class ClusterError(RuntimeError):
     """The cluster could not be started or a job did not reach the expected state; carries log tails."""
+
+
+def fail_job(error: BaseException, *, logs: str = "", **outputs: Path) -> NoReturn:
+    """Fail a test whose job did not end as expected: the error and the daemons' logs first, then each of
+    ``outputs`` (name=file: the job's output, a rank's log) last, without the traceback, so that the end of a
+    long CI log, the part that gets read, shows what the job printed."""
+    import pytest  # noqa: PLC0415 - this module is also the multi-node cluster's command-line tool
+
+    parts = [str(error)] + ([logs] if logs else [])
+    for name, path in outputs.items():
+        text = path.read_text(errors="replace") if path.exists() else "(no file)"
+        parts.append(f"--- {name.replace('_', ' ')} ({path}, the last 8000 characters)\n{text[-8000:]}")
+    pytest.fail("\n".join(parts), pytrace=False)
 
 
 def _which(name: str) -> Optional[str]:

@@ -77,7 +77,7 @@ def _wait(cluster, job: str, log: Path, states=("COMPLETED",), timeout: float = 
     try:
         return cluster.wait_for(job, list(states), timeout=timeout)
     except mn.ClusterError as e:
-        pytest.fail(f"{e}\njob output:\n{_read(log)}")
+        mn.fail_job(e, job_output=log)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_two_node_preemption_resumes_exactly(cluster, shards, straight, repo_roo
     try:
         cluster.wait_until(lambda: launch.logged_steps(run_dir) >= 3, job, 240, "step 3 of the 2-node job")
     except mn.ClusterError as e:
-        pytest.fail(f"{e}\njob output:\n{_read(log)}")
+        mn.fail_job(e, job_output=log)
     cluster.run(["scancel", "--signal=USR1", job])
     info = _wait(cluster, job, log, ["PENDING"], timeout=120)
     assert info.get("Restarts") == "1", info
@@ -219,7 +219,7 @@ def test_node_loss_survivors_exit_and_one_node_continues_the_epoch(cluster, epoc
         cluster.wait_until(lambda: latest(run_dir) == 5 and launch.logged_steps(run_dir) >= 6, job, 240,
                            "step 6 of the 2-node job")
     except mn.ClusterError as e:
-        pytest.fail(f"{e}\njob output:\n{_read(log)}")
+        mn.fail_job(e, job_output=log)
     lost_at = time.monotonic()
     cluster.lose_node(second)
     lines: list[str] = []

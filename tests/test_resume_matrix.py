@@ -171,7 +171,8 @@ def _preempt_srun(tmp: Path, shards: Path, run_dir: Path, case: Case, slurm) -> 
         return log.read_text() if log.exists() else ""
 
     def fail(e: Exception) -> None:
-        pytest.fail(f"{e}\njob output:\n{job_log()[-6000:]}\n{slurm.logs()}")
+        slurm_cluster.fail_job(e, logs="" if isinstance(e, slurm_cluster.ClusterError) else slurm.logs(),
+                               job_output=log)
 
     try:
         slurm.wait_until(lambda: launch.logged_steps(run_dir) >= PREEMPT_AFTER, job, 300, f"step {PREEMPT_AFTER}")

@@ -53,7 +53,7 @@ def test_srun_tasks_form_a_process_group(slurm, repo_root, subprocess_env, tmp_p
     try:
         slurm.wait_for(job, ["COMPLETED"], timeout=90)
     except slurm_cluster.ClusterError as e:
-        pytest.fail(f"{e}\njob output:\n{_read(log)}")
+        slurm_cluster.fail_job(e, job_output=log)
     lines = sorted(_read(tmp_path / "out" / f"rank{r}.log").strip() for r in range(2))
     # Each rank reads its place from srun (SLURM_PROCID ... exported as RANK for DeepSpeed / accelerate) and
     # the all-reduce of rank + 1 over both ranks gives 3.
@@ -79,14 +79,14 @@ def test_preemption_saves_requeues_and_resumes(slurm, repo_root, subprocess_env,
         slurm.wait_until(lambda: all("step 3\n" in _read(out / f"rank{r}.log") for r in range(2)), job, 90,
                          "the job's two ranks reaching step 3")
     except slurm_cluster.ClusterError as e:
-        pytest.fail(f"{e}\njob output:\n{_read(log)}")
+        slurm_cluster.fail_job(e, job_output=log)
     slurm.run(["scancel", "--signal=USR1", job])
 
     # The ranks agree, save, rank 0 requeues: the job goes back to PENDING (held ~2 min by SLURM: release it).
     try:
         info = slurm.wait_for(job, ["PENDING"], timeout=60)
     except slurm_cluster.ClusterError as e:
-        pytest.fail(f"{e}\njob output:\n{_read(log)}\nrank 0:\n{_read(out / 'rank0.log')}")
+        slurm_cluster.fail_job(e, job_output=log, rank_0=out / "rank0.log")
     assert info.get("Restarts") == "1", info
     stopped = latest(run_dir)
     assert stopped is not None and stopped >= 3
@@ -94,7 +94,7 @@ def test_preemption_saves_requeues_and_resumes(slurm, repo_root, subprocess_env,
     try:
         slurm.wait_for(job, ["COMPLETED"], timeout=90)
     except slurm_cluster.ClusterError as e:
-        pytest.fail(f"{e}\njob output:\n{_read(log)}\nrank 0:\n{_read(out / 'rank0.log')}")
+        slurm_cluster.fail_job(e, job_output=log, rank_0=out / "rank0.log")
 
     text = _read(log)
     assert text.count("(restart 0)") == 1 and text.count("(restart 1)") == 1, text  # --open-mode=append
@@ -129,7 +129,7 @@ def test_real_pretraining_job_on_two_srun_tasks(slurm, repo_root, subprocess_env
     try:
         slurm.wait_for(job, ["COMPLETED"], timeout=240)
     except slurm_cluster.ClusterError as e:
-        pytest.fail(f"{e}\njob output:\n{_read(log)}")
+        slurm_cluster.fail_job(e, job_output=log)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 6 and summary["world_size"] == 2 and summary["zero_stage"] == 2
     marker = json.loads((run_dir / "checkpoints" / step_tag(6) / MARKER).read_text())

@@ -10,7 +10,8 @@
 - One run dir taken through three faults and a final resume (``chain``), compared with the uninterrupted run:
   rank 1 killed with -9 mid-step (rank 0 exits at once with one line naming the failed collective); both ranks
   killed with -9 during an evaluation; rank 1 stopped with SIGSTOP during a stage change (rank 0 exits once
-  ``train.collective_timeout_s`` has passed, with one line; rank 1 is then killed). Each next start resumes from
+  ``train.collective_timeout_s`` has passed, with one line, after its watchdog printed its stacks inside the
+  collective; rank 1 is then killed). Each next start resumes from
   the newest complete checkpoint and the last one finishes the run: every logged loss and the final weights
   equal the uninterrupted run's.
 """
@@ -120,6 +121,11 @@ def test_rank_stopped_during_a_stage_change_the_other_exits_after_the_collective
     assert f"lost rank 1 on host {socket.gethostname()}: it died or stopped answering " \
         f"(train.collective_timeout_s={STOP_TIMEOUT_S} s" in line, line
     assert STOP_TIMEOUT_S - 1 < took < STOP_TIMEOUT_S + 20, f"rank 0 exited after {took:.0f} s:\n{ranks.report()}"
+    # before that, 3/4 of the timeout into the wait, rank 0's watchdog printed where it was: in the collective
+    err = ranks.err(0)
+    report = err[err.index("watchdog: rank 0 "):]
+    assert "has made no progress for " in report and "The stacks of its threads follow." in report, report[:500]
+    assert "pipeline/trainer.py" in report and "torch/distributed/" in report, report[:3000]
 
 
 def test_after_the_faults_the_run_finishes_like_an_uninterrupted_one(chain, tmp_path):
