@@ -23,7 +23,7 @@ class TestHooks:
       the rank files and COMPLETE.json; the end of the training loop, preempted or not; an export, between its
       weights file and its model.json), each rank creates
       ``DIR/POINT.rankR`` and waits until ``DIR/POINT.go`` exists, so that a test can signal or kill the job at
-      exactly that moment.
+      exactly that moment. ``EFFNETV2_TEST_PAUSE_RANKS=1,...``: only those ranks pause (default every rank).
     - ``EFFNETV2_TEST_NONFINITE=RANK:STEP,STEP,...``: on that rank, the images of those steps (numbered as they
       are logged, from 1) are multiplied by inf before the forward: a real non-finite loss and gradient.
     - ``EFFNETV2_TEST_KEYS=DIR``: each rank appends the sample keys of every micro-batch it trains on to
@@ -37,6 +37,9 @@ class TestHooks:
         self.rank = rank
         self.pause_dir = os.environ.get("EFFNETV2_TEST_PAUSE_DIR")
         self.pause_points = set(filter(None, os.environ.get("EFFNETV2_TEST_PAUSE", "").split(",")))
+        only = os.environ.get("EFFNETV2_TEST_PAUSE_RANKS", "")
+        if only and str(rank) not in only.split(","):
+            self.pause_points = set()
         spec = os.environ.get("EFFNETV2_TEST_NONFINITE", "")
         r, _, steps = spec.partition(":")
         self.nonfinite_steps = {int(x) for x in steps.split(",") if x} if spec and int(r) == rank else set()

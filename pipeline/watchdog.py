@@ -78,7 +78,7 @@ class Watchdog:
                else "no child processes")
         idle_s = f"{idle:.0f}" if idle >= 10 else f"{idle:.1f}"
         try:
-            out.write(f"watchdog: rank {self.rank} (host {socket.gethostname()}, pid {os.getpid()}) has made no "
+            out.write(f"\nwatchdog: rank {self.rank} (host {socket.gethostname()}, pid {os.getpid()}) has made no "
                       f"progress for {idle_s} s since {self._where}; {who}. The stacks of its threads follow.\n")
             out.flush()
             faulthandler.dump_traceback(file=out, all_threads=True)

@@ -97,10 +97,11 @@ class Ranks:
                 raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{self.report()}")
             time.sleep(0.02)
 
-    def wait_paused(self, point: str, timeout: float = 180) -> None:
-        """Every rank is held at ``point`` (see pipeline.trainer.TestHooks)."""
-        self.wait_until(lambda: all((self.pause_dir / f"{point}.rank{r}").exists() for r in self.all),
-                        f"every rank at the '{point}' test hook", timeout)
+    def wait_paused(self, point: str, timeout: float = 180, ranks: Optional[Iterable[int]] = None) -> None:
+        """Every rank (or those of ``ranks``) is held at ``point`` (see pipeline.testhooks.TestHooks)."""
+        which = list(self.all if ranks is None else ranks)
+        self.wait_until(lambda: all((self.pause_dir / f"{point}.rank{r}").exists() for r in which),
+                        f"rank(s) {which} at the '{point}' test hook", timeout)
 
     def release(self, point: str) -> None:
         (self.pause_dir / f"{point}.go").touch()
@@ -123,9 +124,10 @@ class Ranks:
 
 
 def start(tmp: Path, run_dir: Path, shards: Path, *extra: str, pause: Iterable[str] = (),
-          env: Optional[dict] = None, world: int = WORLD) -> Ranks:
+          pause_ranks: Iterable[int] = (), env: Optional[dict] = None, world: int = WORLD) -> Ranks:
     """The ``world`` ranks of a run of ``run_dir`` (resuming from its newest complete checkpoint, as users rerun
-    a job); each records the sample keys it trains on in its launch folder (:func:`keys_by_step`)."""
+    a job); each records the sample keys it trains on in its launch folder (:func:`keys_by_step`). ``pause``:
+    the test hooks every rank (or only ``pause_ranks``) stops at."""
     logs_dir = tmp / f"ranks-{time.monotonic_ns()}"
     logs_dir.mkdir(parents=True)
     port = free_port()
@@ -135,6 +137,7 @@ def start(tmp: Path, run_dir: Path, shards: Path, *extra: str, pause: Iterable[s
         rank_env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1",
                         EFFNETV2_TEST_PAUSE=",".join(pause), EFFNETV2_TEST_PAUSE_DIR=str(logs_dir),
+                        EFFNETV2_TEST_PAUSE_RANKS=",".join(map(str, pause_ranks)),
                         EFFNETV2_TEST_KEYS=str(logs_dir), **(env or {}))
         log = logs_dir / f"rank{rank}.log"
         cmd = [sys.executable, "-m", "pipeline.pretrain", "--config", launch.CONFIG, f"data.train=[{shards}]",

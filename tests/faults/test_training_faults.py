@@ -11,7 +11,8 @@
   rank 1 killed with -9 mid-step (rank 0 exits at once with one line naming the failed collective); both ranks
   killed with -9 during an evaluation; rank 1 stopped with SIGSTOP during a stage change (rank 0 exits once
   ``train.collective_timeout_s`` has passed, with one line, after its watchdog printed its stacks inside the
-  collective; rank 1 is then killed). Each next start resumes from
+  collective; rank 1 is then killed); rank 1 held in Python at an evaluation (its watchdog prints its stacks,
+  there, before rank 0 gives up on it). Each next start resumes from
   the newest complete checkpoint and the last one finishes the run: every logged loss and the final weights
   equal the uninterrupted run's.
 """
@@ -126,6 +127,31 @@ def test_rank_stopped_during_a_stage_change_the_other_exits_after_the_collective
     report = err[err.index("watchdog: rank 0 "):]
     assert "has made no progress for " in report and "The stacks of its threads follow." in report, report[:500]
     assert "pipeline/trainer.py" in report and "torch/distributed/" in report, report[:3000]
+
+
+def test_rank_stalled_in_an_evaluation_prints_where_it_is_before_the_other_gives_up(chain, tmp_path):
+    """Rank 1 is held in Python at the start of an evaluation (stalled, not stopped: its threads still run, as
+    with a loader or a file system that does not answer); rank 0 waits in the evaluation's first collective."""
+    before = latest(chain.run_dir)
+    ranks = rr.start(tmp_path, chain.run_dir, chain.shards, f"train.collective_timeout_s={STOP_TIMEOUT_S}",
+                     pause=["eval"], pause_ranks=[1])
+    rr.resumes(ranks, before)
+    ranks.wait_paused("eval", ranks=[1])
+    try:
+        [code] = ranks.wait(STOP_TIMEOUT_S + 60, ranks=[0])
+        # 3/4 of the timeout after its last progress, before rank 0 gave up: rank 1 printed where it is
+        deadline = time.monotonic() + 10
+        while "The stacks of its threads follow." not in ranks.err(1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        err = ranks.err(1)
+    finally:
+        ranks.kill9([1])
+    assert code == 2, ranks.report()
+    assert "lost rank 1 on host" in rr.error_line(ranks), ranks.report()
+    assert "watchdog: rank 1 (host " in err, ranks.report()
+    report = err[err.index("watchdog: rank 1 "):]
+    assert "has made no progress for " in report and "The stacks of its threads follow." in report, report[:500]
+    assert "pipeline/testhooks.py" in report and " in evaluate" in report, report[:3000]  # where it stalled
 
 
 def test_after_the_faults_the_run_finishes_like_an_uninterrupted_one(chain, tmp_path):
