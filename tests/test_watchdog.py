@@ -65,7 +65,7 @@ def test_the_report_names_the_loader_workers(tmp_path):
         with Watchdog(0.2, rank=0, file=out, check_s=0.05) as dog:
             assert _wait_for(lambda: dog.reports == 1, 5.0)
         out.seek(0)
-        assert f"loader worker pids {child.pid}" in out.read().splitlines()[0]
+        assert f"loader worker pids {child.pid}" in out.read().strip().splitlines()[0]
     finally:
         child.kill()
         child.wait()
