@@ -56,6 +56,7 @@ Schedule = Literal["cosine", "exp_staircase", "constant"]
 Precision = Literal["auto", "fp32", "bf16", "bf16_weights"]
 ZeroStage = Literal[0, 1, 2, 3]
 Decoder = Literal["auto", "simplejpeg", "torchvision", "pil"]
+WorkerStart = Literal["forkserver", "fork", "spawn"]
 InitWeights = Literal["auto", "ema", "raw"]
 ExportWeights = Literal["ema", "raw"]
 ExportFormat = Literal["ours", "timm", "both"]
@@ -233,6 +234,9 @@ class DataConfig(_Section):
     hf_label_column: str = "label"
     workers: int = 4
     """Loader worker processes per rank."""
+    worker_start: WorkerStart = "forkserver"
+    """How loader workers start: 'forkserver' (forked from a clean single-threaded server, never from the
+    multi-threaded training process), 'fork' or 'spawn'; see pipeline/data/workers.py."""
     shuffle_buffer: int = 2000
     """Samples in the per-worker shuffle buffer."""
     resampled: bool = False

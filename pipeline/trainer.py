@@ -46,6 +46,7 @@ from pipeline.checkpoint import CheckpointManager, ResumePoint, latest
 from pipeline.config import Config, ConfigError, frozen_settings, save_resolved
 from pipeline.data.decode import describe_decoder, resolve_decoder
 from pipeline.data.loader import build_eval_loader, build_train_loader
+from pipeline.data.workers import prestart as prestart_workers
 from pipeline.ema import ModelEMA
 from pipeline.engine import Engine  # DeepSpeed itself is imported when an engine is built
 from pipeline.export import RUN_META
@@ -252,6 +253,8 @@ class Trainer:
                                          num_classes=cfg.model.num_classes, label_smoothing=t.label_smoothing,
                                          seed=t.seed, rank=self.rank, world_size=self.world_size)
         self.num_classes = self.loader.num_classes
+        if d.workers > 0:
+            prestart_workers(d.worker_start)  # the workers' fork server loads torch while the engine is built
         # The validation data too (every run ends with an evaluation): a missing val shard or split fails here,
         # not at the first evaluation hours in. Cheap: the index is read, nothing is decoded.
         build_eval_loader(d, image_size=d.eval_image_size, micro_batch_size=1, rank=self.rank,

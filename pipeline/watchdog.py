@@ -6,9 +6,9 @@ peer that stopped answering a collective) is ended from outside: its peers' coll
 peers' one-line error says which rank stopped answering; what that rank was doing dies with it. The watchdog
 keeps it: when a rank has not reported progress (:meth:`Watchdog.beat`: every optimizer step, evaluation batch
 and checkpoint save) for ``after_s`` seconds, it prints one header line (rank, host, pid, the last progress and
-how long ago, the pids of this rank's loader workers, to inspect with ``py-spy dump --pid PID``) and the stacks
-of every thread of the process to stderr, once per stall. It only reports: the run goes on (a slow step that
-recovers loses nothing), and the collective timeout decides what ends it.
+how long ago, the pids of this rank's loader workers and their fork server, to inspect with ``py-spy dump --pid
+PID``) and the stacks of every thread of the process to stderr, once per stall. It only reports: the run goes on
+(a slow step that recovers loses nothing), and the collective timeout decides what ends it.
 
 The trainer arms it with ``after_s`` = 3/4 of the collective timeout, so that a stuck rank reports before its
 peers give up on it and the launcher kills it. The watchdog is a daemon thread that sleeps between checks; a beat
@@ -28,15 +28,25 @@ from typing import Optional, TextIO
 
 
 def child_pids(pid: Optional[int] = None) -> list[int]:
-    """The direct children of ``pid`` (default: this process), e.g. its loader workers; [] where /proc lacks it."""
-    pid = os.getpid() if pid is None else pid
-    found: list[int] = []
+    """The descendants of ``pid`` (default: this process): its loader workers and their fork server; [] where
+    /proc lacks the children lists."""
+    todo, found = [os.getpid() if pid is None else pid], set()
+    while todo:
+        for task in _tasks(todo.pop()):
+            try:
+                kids = {int(p) for p in (task / "children").read_text().split()} - found
+            except OSError:  # the process or thread ended meanwhile
+                continue
+            found |= kids
+            todo += kids
+    return sorted(found)
+
+
+def _tasks(pid: int) -> list[Path]:
     try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            found += [int(p) for p in (task / "children").read_text().split()]
+        return list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
-        pass
-    return sorted(set(found))
+        return []
 
 
 class Watchdog:
@@ -74,8 +84,8 @@ class Watchdog:
     def _report(self, idle: float) -> None:
         out = self.file or sys.stderr
         workers = child_pids()
-        who = (f"loader worker pids {', '.join(map(str, workers))} (py-spy dump --pid PID shows theirs)" if workers
-               else "no child processes")
+        who = (f"child processes (loader workers, their fork server) {', '.join(map(str, workers))} (py-spy dump "
+               "--pid PID shows theirs)" if workers else "no child processes")
         idle_s = f"{idle:.0f}" if idle >= 10 else f"{idle:.1f}"
         try:
             out.write(f"\nwatchdog: rank {self.rank} (host {socket.gethostname()}, pid {os.getpid()}) has made no "

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import random
 import re
+import signal
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -673,3 +676,39 @@ def test_the_loader_takes_a_stage_only(data8):
     b = next(ld)
     assert b.image.shape == (4, 3, 40, 40)
     assert ld.micro_batch_size == 4
+
+
+# ------------------------------------------------------------------------------------------ worker start
+
+
+def test_fork_server_workers_give_the_forked_workers_batches_and_ignore_job_signals(data8):
+    """data.worker_start: forkserver workers (the default) give the images, targets and keys forked ones give,
+    for training and evaluation; SIGUSR1 and SIGTERM to every process under the loader, as SLURM signals every
+    process of a job step, neither kill a worker or the fork server nor change a batch."""
+    from pipeline.watchdog import child_pids
+
+    root, _ = data8
+    got = {}
+    for method in ("fork", "forkserver"):
+        cfg = cfg_for([root], workers=2, worker_start=method)
+        ld = loader(cfg, mbs=3)
+        batches = take(ld, 3)
+        if method == "forkserver":
+            under = child_pids()
+            assert len(under) >= 3  # the server and its two workers
+            for pid in under:
+                for sig in (signal.SIGUSR1, signal.SIGTERM):
+                    os.kill(pid, sig)
+            time.sleep(0.5)
+            assert set(under) <= set(child_pids())  # every one still there
+        batches += take(ld, 5)
+        ld.close()
+        ev = build_eval_loader(cfg, image_size=32, micro_batch_size=4, num_classes=NUM_CLASSES, split="train")
+        got[method] = (batches, list(ev))
+    (train_a, eval_a), (train_b, eval_b) = got["fork"], got["forkserver"]
+    assert keys_of(train_a) == keys_of(train_b)
+    for a, b in zip(train_a, train_b):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
+    assert [e["key"] for e in eval_a] == [e["key"] for e in eval_b] and len(eval_a) > 0
+    for a, b in zip(eval_a, eval_b):
+        assert torch.equal(a["image"], b["image"])

@@ -86,8 +86,10 @@ from .shards import (
     sample_seed,
     stable_seed,
     verify_sample,
+    warned_urls,
 )
 from .transforms import EvalTransform, TrainTransform
+from .workers import Stdio, worker_context
 
 STATE_VERSION = 1
 STATE_KIND = "effnetv2-train-loader"
@@ -276,6 +278,8 @@ class _TrainReaders(IterableDataset):
         self.mixup, self.cutmix = mixup, cutmix
         self.seed = seed
         self.sample_base = stable_seed("sample", seed, epoch)
+        self.warned = warned_urls()  # shard URLs earlier workers warned about: not again (workers may not fork)
+        self.stdio = Stdio()
 
     def __iter__(self) -> Iterator[Union[ReaderBatch, ReaderFailure]]:
         info = get_worker_info()
@@ -283,6 +287,8 @@ class _TrainReaders(IterableDataset):
         return self._run(reader)
 
     def _run(self, reader: int) -> Iterator[Union[ReaderBatch, ReaderFailure]]:
+        self.stdio.install()
+        mark_warned(*self.warned)
         fetch: Fetch = self.make_fetch()
         self._io_mark = remote_io.counters_snapshot()
         try:
@@ -532,6 +538,7 @@ class TrainLoader:
         else:
             self._dl = DataLoader(readers, batch_size=None, num_workers=self.num_workers,
                                   pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                                  multiprocessing_context=worker_context(self.cfg.worker_start),
                                   generator=_loader_generator("train", self.seed, self.epoch, self.rank))
             self._it = iter(self._dl)
 
@@ -745,8 +752,10 @@ class _EvalReaders(IterableDataset):
         self.verify_checksums = verify_checksums
         self.batch_size, self.transform, self.image_size = batch_size, transform, image_size
         self.num_classes, self.multi_label = num_classes, multi_label
+        self.stdio = Stdio()
 
     def __iter__(self) -> Iterator[ReaderBatch]:
+        self.stdio.install()
         info = get_worker_info()
         reader = 0 if info is None else info.id
         start, stop = self.ranges[reader]
@@ -817,8 +826,9 @@ class EvalLoader:
     def __init__(self, *, ranges_by_rank: list[list[tuple[int, int]]], rank: int,
                  addresses: Callable[[int, int], Iterator[Address]], make_fetch: Callable[[], Fetch], workers: int,
                  batch_size: int, transform: Callable, image_size: int, num_classes: int, multi_label: bool,
-                 verify_checksums: bool = False):
+                 verify_checksums: bool = False, worker_start: str = "forkserver"):
         self.num_workers = max(0, workers)
+        self.worker_start = worker_start
         self.rank = rank
         self.batch_size = batch_size
         self.image_size = image_size
@@ -840,6 +850,7 @@ class EvalLoader:
         else:
             it = iter(DataLoader(self._readers, batch_size=None, num_workers=self.num_workers,
                                  pin_memory=torch.cuda.is_available(),
+                                 multiprocessing_context=worker_context(self.worker_start),
                                  generator=_loader_generator("eval", self.image_size, self.batch_size)))
         produced = valid = 0
         for rec in it:
@@ -896,4 +907,4 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int, micro_batch_size: int
     by_rank = [ranges[r * readers:(r + 1) * readers] for r in range(world_size)]
     return EvalLoader(ranges_by_rank=by_rank, rank=rank, addresses=addresses, make_fetch=make_fetch,
                       workers=workers, batch_size=micro_batch_size, transform=transform, image_size=image_size,
-                      num_classes=k, multi_label=multi, verify_checksums=check_sums)
+                      num_classes=k, multi_label=multi, verify_checksums=check_sums, worker_start=cfg.worker_start)

@@ -598,10 +598,14 @@ def split_member_name(name: str) -> tuple[str, str]:
 _WARNED_URLS: set[str] = set()
 
 
-def mark_warned(url: str) -> None:
-    """Record that a loader worker warned about ``url``: processes forked from this one later (the next epoch's
-    workers) do not repeat it."""
-    _WARNED_URLS.add(url)
+def mark_warned(*urls: str) -> None:
+    """Record that a loader worker warned about ``urls``: the readers of the next epoch or stage carry them into
+    their workers (:func:`warned_urls`), which do not repeat the warning."""
+    _WARNED_URLS.update(urls)
+
+
+def warned_urls() -> frozenset[str]:
+    return frozenset(_WARNED_URLS)
 
 
 def _warn_remote_once(url: str, error: Exception, remote: Optional[RemoteOptions]) -> None:
