@@ -70,7 +70,7 @@ CLOSED = dict(_closed_choices())
 def test_the_closed_choices_are_literal_fields():
     assert set(CLOSED) == {"model.padding", "model.grad_checkpointing", "progressive.preset", "optim.name",
                            "optim.schedule", "train.precision", "train.zero_stage", "finetune.init_weights",
-                           "finetune.export_weights", "finetune.export_format", "data.decoder"}
+                           "finetune.export_weights", "finetune.export_format", "data.decoder", "data.worker_start"}
     assert CLOSED["train.zero_stage"] == (0, 1, 2, 3)
     assert C.choices(OptimConfig, "schedule") == SCHEDULES
 
