@@ -9,6 +9,7 @@ import pickle
 import random
 import re
 import signal
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -712,3 +713,24 @@ def test_fork_server_workers_give_the_forked_workers_batches_and_ignore_job_sign
     assert [e["key"] for e in eval_a] == [e["key"] for e in eval_b] and len(eval_a) > 0
     for a, b in zip(eval_a, eval_b):
         assert torch.equal(a["image"], b["image"])
+
+
+def _report_from_a_worker(parent, out: str) -> None:
+    parent.install()
+    print("a warning from the worker", file=sys.stderr, flush=True)
+    Path(out).write_text(os.environ.get("EFFNETV2_TEST_PROBE", "unset"))
+
+
+def test_fork_server_workers_see_the_current_environment_and_output(tmp_path, monkeypatch, capfd):
+    """What the training process set or redirected after the fork server started (credentials, captured output)
+    reaches a worker from the server, as it would reach a forked one."""
+    from pipeline.data.workers import ParentState, worker_context
+
+    ctx = worker_context("forkserver")  # starts the server now, if no earlier test did
+    monkeypatch.setenv("EFFNETV2_TEST_PROBE", "set after the server started")
+    proc = ctx.Process(target=_report_from_a_worker, args=(ParentState(), str(tmp_path / "env.txt")))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    assert (tmp_path / "env.txt").read_text() == "set after the server started"
+    assert "a warning from the worker" in capfd.readouterr().err

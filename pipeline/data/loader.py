@@ -89,7 +89,7 @@ from .shards import (
     warned_urls,
 )
 from .transforms import EvalTransform, TrainTransform
-from .workers import Stdio, worker_context
+from .workers import ParentState, worker_context
 
 STATE_VERSION = 1
 STATE_KIND = "effnetv2-train-loader"
@@ -279,7 +279,7 @@ class _TrainReaders(IterableDataset):
         self.seed = seed
         self.sample_base = stable_seed("sample", seed, epoch)
         self.warned = warned_urls()  # shard URLs earlier workers warned about: not again (workers may not fork)
-        self.stdio = Stdio()
+        self.parent = ParentState()
 
     def __iter__(self) -> Iterator[Union[ReaderBatch, ReaderFailure]]:
         info = get_worker_info()
@@ -287,7 +287,7 @@ class _TrainReaders(IterableDataset):
         return self._run(reader)
 
     def _run(self, reader: int) -> Iterator[Union[ReaderBatch, ReaderFailure]]:
-        self.stdio.install()
+        self.parent.install()
         mark_warned(*self.warned)
         fetch: Fetch = self.make_fetch()
         self._io_mark = remote_io.counters_snapshot()
@@ -752,10 +752,10 @@ class _EvalReaders(IterableDataset):
         self.verify_checksums = verify_checksums
         self.batch_size, self.transform, self.image_size = batch_size, transform, image_size
         self.num_classes, self.multi_label = num_classes, multi_label
-        self.stdio = Stdio()
+        self.parent = ParentState()
 
     def __iter__(self) -> Iterator[ReaderBatch]:
-        self.stdio.install()
+        self.parent.install()
         info = get_worker_info()
         reader = 0 if info is None else info.id
         start, stop = self.ranges[reader]

@@ -80,29 +80,35 @@ def prestart(method: str) -> None:
         worker_context(method)
 
 
-class Stdio:
-    """The training process's stdout and stderr, carried to a worker that was not forked from it.
+class ParentState:
+    """What a worker forked from its training process would share with it, carried to one that was not: the
+    current stdout / stderr and environment.
 
     A forked worker writes (warnings about unreadable shards, ...) to the descriptors its training process has at
-    that moment; one from the fork server would write to those the server was started with, which differ when
-    the process redirected its output since (a notebook, a test capturing output). Readers hold one; pickled for
-    a new worker process it sends duplicates of descriptors 1 and 2 along, and :meth:`install`, in the worker,
-    puts them in place. Elsewhere (forked workers, in-process reading) it does nothing.
+    that moment and sees its environment as it is then (credentials for object storage set by the program, ...);
+    one from the fork server would have those of the moment the server started. Readers hold one; pickled for a
+    new worker process it sends duplicates of descriptors 1 and 2 and a copy of ``os.environ`` along, and
+    :meth:`install`, in the worker, puts them in place. Elsewhere (forked workers, in-process reading) it does
+    nothing.
     """
 
     def __init__(self) -> None:
         self._fds: Optional[tuple[Any, Any]] = None
+        self._env: Optional[dict[str, str]] = None
 
     def __getstate__(self) -> dict:
         if context.get_spawning_popen() is None:  # not pickled for a new process
-            return {"fds": None}
-        return {"fds": (reduction.DupFd(1), reduction.DupFd(2))}
+            return {"fds": None, "env": None}
+        return {"fds": (reduction.DupFd(1), reduction.DupFd(2)), "env": dict(os.environ)}
 
     def __setstate__(self, state: dict) -> None:
-        self._fds = state["fds"]
+        self._fds, self._env = state["fds"], state["env"]
 
     def install(self) -> None:
-        fds, self._fds = self._fds, None
+        fds, env, self._fds, self._env = self._fds, self._env, None, None
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
         if fds is None:
             return
         for stream in (sys.stdout, sys.stderr):
