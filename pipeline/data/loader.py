@@ -89,7 +89,7 @@ from .shards import (
     warned_urls,
 )
 from .transforms import EvalTransform, TrainTransform
-from .workers import ParentState, worker_context
+from .workers import worker_options
 
 STATE_VERSION = 1
 STATE_KIND = "effnetv2-train-loader"
@@ -279,7 +279,6 @@ class _TrainReaders(IterableDataset):
         self.seed = seed
         self.sample_base = stable_seed("sample", seed, epoch)
         self.warned = warned_urls()  # shard URLs earlier workers warned about: not again (workers may not fork)
-        self.parent = ParentState()
 
     def __iter__(self) -> Iterator[Union[ReaderBatch, ReaderFailure]]:
         info = get_worker_info()
@@ -287,7 +286,6 @@ class _TrainReaders(IterableDataset):
         return self._run(reader)
 
     def _run(self, reader: int) -> Iterator[Union[ReaderBatch, ReaderFailure]]:
-        self.parent.install()
         mark_warned(*self.warned)
         fetch: Fetch = self.make_fetch()
         self._io_mark = remote_io.counters_snapshot()
@@ -538,7 +536,7 @@ class TrainLoader:
         else:
             self._dl = DataLoader(readers, batch_size=None, num_workers=self.num_workers,
                                   pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                                  multiprocessing_context=worker_context(self.cfg.worker_start),
+                                  **worker_options(self.cfg.worker_start),
                                   generator=_loader_generator("train", self.seed, self.epoch, self.rank))
             self._it = iter(self._dl)
 
@@ -752,10 +750,8 @@ class _EvalReaders(IterableDataset):
         self.verify_checksums = verify_checksums
         self.batch_size, self.transform, self.image_size = batch_size, transform, image_size
         self.num_classes, self.multi_label = num_classes, multi_label
-        self.parent = ParentState()
 
     def __iter__(self) -> Iterator[ReaderBatch]:
-        self.parent.install()
         info = get_worker_info()
         reader = 0 if info is None else info.id
         start, stop = self.ranges[reader]
@@ -850,7 +846,7 @@ class EvalLoader:
         else:
             it = iter(DataLoader(self._readers, batch_size=None, num_workers=self.num_workers,
                                  pin_memory=torch.cuda.is_available(),
-                                 multiprocessing_context=worker_context(self.worker_start),
+                                 **worker_options(self.worker_start),
                                  generator=_loader_generator("eval", self.image_size, self.batch_size)))
         produced = valid = 0
         for rec in it:

@@ -74,6 +74,13 @@ def _start_servers() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def worker_options(method: str) -> dict:
+    """A DataLoader's keyword arguments for workers started by ``method``: the context and, for workers not forked
+    from the training process, a :class:`ParentState` as ``worker_init_fn``."""
+    return {"multiprocessing_context": worker_context(method),
+            "worker_init_fn": ParentState() if method != "fork" else None}
+
+
 def prestart(method: str) -> None:
     """Start the fork server now (it loads its modules while the caller goes on), not at the first batch."""
     if method == "forkserver":
@@ -86,10 +93,10 @@ class ParentState:
 
     A forked worker writes (warnings about unreadable shards, ...) to the descriptors its training process has at
     that moment and sees its environment as it is then (credentials for object storage set by the program, ...);
-    one from the fork server would have those of the moment the server started. Readers hold one; pickled for a
-    new worker process it sends duplicates of descriptors 1 and 2 and a copy of ``os.environ`` along, and
-    :meth:`install`, in the worker, puts them in place. Elsewhere (forked workers, in-process reading) it does
-    nothing.
+    one from the fork server would have those of the moment the server started. It is the DataLoader's
+    ``worker_init_fn`` (:func:`worker_options`): pickled for a new worker process it sends duplicates of
+    descriptors 1 and 2 and a copy of ``os.environ`` along, and :meth:`install` (the call, in the worker) puts
+    them in place. Not pickled for a new process, it does nothing.
     """
 
     def __init__(self) -> None:
@@ -103,6 +110,9 @@ class ParentState:
 
     def __setstate__(self, state: dict) -> None:
         self._fds, self._env = state["fds"], state["env"]
+
+    def __call__(self, worker_id: int) -> None:
+        self.install()
 
     def install(self) -> None:
         fds, env, self._fds, self._env = self._fds, self._env, None, None
